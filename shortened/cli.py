@@ -1,0 +1,160 @@
+"""The ``shortened`` command line: one verb per job (``score``, ``prune``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from shortened.errors import ShortenedError
+
+log = logging.getLogger("shortened")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="hub id, local HF folder, .gguf file, folder with one .gguf, or 'smollm2'")
+    p.add_argument("--gguf-file", help="GGUF file name inside the --model folder")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+
+
+def _add_scoring_args(p: argparse.ArgumentParser) -> None:
+    from shortened.criteria import CRITERIA
+
+    p.add_argument("--criterion", required=True, help=f"one of: {', '.join(CRITERIA)}")
+    p.add_argument("--keep-first", type=int, default=4, help="never remove the first N blocks (paper: 4)")
+    p.add_argument("--keep-last", type=int, default=2, help="never remove the last N blocks (paper: 2)")
+    p.add_argument("--calib-source", default="slimpajama-sample",
+                   help="corpus for calibration: file, folder, glob, hf:NAME, or slimpajama-sample")
+    p.add_argument("--calib-samples", type=int, default=10, help="calibration samples (paper: 10)")
+    p.add_argument("--calib-seq-len", type=int, default=128, help="tokens per calibration sample (paper: 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration windows")
+    p.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_amount_args(p: argparse.ArgumentParser, required: bool) -> None:
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument("--ratio", type=float, help="fraction of parameters to remove, rounded down to whole blocks")
+    group.add_argument("--blocks", type=int, help="number of blocks to remove")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shortened", description="Depth pruning of decoder LLMs.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    score = sub.add_parser("score", help="score every block with one criterion and save the scores as JSON")
+    _add_model_args(score)
+    _add_scoring_args(score)
+    _add_amount_args(score, required=False)  # only 'iterative' uses it: how many removal steps to run
+    score.add_argument("--out", required=True, help="scores JSON file to write")
+    score.add_argument("--overwrite", action="store_true")
+    score.set_defaults(func=cmd_score)
+
+    prune = sub.add_parser("prune", help="remove blocks and save a standard HF checkpoint with pruning.json")
+    _add_model_args(prune)
+    _add_scoring_args(prune)
+    _add_amount_args(prune, required=True)
+    prune.add_argument("--scores", help="reuse a scores JSON from `shortened score` (skips scoring)")
+    prune.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    prune.set_defaults(func=cmd_prune)
+    return parser
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """Checks that need no model, so bad input fails in a second and writes nothing."""
+    from shortened.criteria import get_criterion
+    from shortened.pruning import check_ratio
+
+    get_criterion(args.criterion)
+    if getattr(args, "ratio", None) is not None:
+        check_ratio(args.ratio)
+    if args.keep_first < 0 or args.keep_last < 0:
+        raise ShortenedError(f"--keep-first/--keep-last must be >= 0, got {args.keep_first}/{args.keep_last}")
+
+
+def _scores_for(args: argparse.Namespace, model, n_remove: int | None):
+    """Load the model's tokenizer and calibration windows (unless data-free), then score."""
+    from shortened.criteria import DATA_FREE
+    from shortened.data.calibration import CalibrationConfig, calibration_windows, describe
+    from shortened.models import load_tokenizer
+    from shortened.pruning import score_blocks
+
+    calibration, calib_info = None, {}
+    if args.criterion not in DATA_FREE:
+        cfg = CalibrationConfig(source=args.calib_source, n_samples=args.calib_samples,
+                                seq_len=args.calib_seq_len, seed=args.seed)
+        calibration = calibration_windows(load_tokenizer(args.model, gguf_file=args.gguf_file), cfg)
+        calib_info = describe(cfg, calibration)
+    scores = score_blocks(model, args.criterion, calibration, keep_first=args.keep_first, keep_last=args.keep_last,
+                          batch_size=args.batch_size, n_remove=n_remove, progress=not args.quiet)
+    scores.calibration = calib_info
+    scores.model = args.model
+    return scores
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from shortened.io import check_output_file
+    from shortened.models import load_model
+    from shortened.pruning import resolve_block_count
+
+    _check_common(args)
+    out = check_output_file(args.out, args.overwrite)
+    model = load_model(args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype)
+    n_remove = None
+    if args.ratio is not None or args.blocks is not None:
+        n_remove = resolve_block_count(model, ratio=args.ratio, blocks=args.blocks,
+                                       keep_first=args.keep_first, keep_last=args.keep_last)
+    scores = _scores_for(args, model, n_remove)
+    scores.save(out)
+    print(json.dumps({"criterion": scores.criterion, "scores": [round(s, 4) for s in scores.scores],
+                      "out": str(out)}))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from shortened.criteria import BlockScores
+    from shortened.io import check_output_dir
+    from shortened.models import load_model, load_tokenizer
+    from shortened.pruning import check_scores_fit, prune, resolve_block_count, save_pruned
+
+    _check_common(args)
+    check_output_dir(args.out, args.overwrite)
+    saved = BlockScores.load(args.scores) if args.scores else None
+    model = load_model(args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype)
+    n_remove = resolve_block_count(model, ratio=args.ratio, blocks=args.blocks,
+                                   keep_first=args.keep_first, keep_last=args.keep_last)
+    if saved is not None:
+        check_scores_fit(saved, model, args.criterion)
+        scores = saved
+    else:
+        scores = _scores_for(args, model, n_remove)
+    tokenizer = load_tokenizer(args.model, gguf_file=args.gguf_file)
+    result = prune(model, scores, n_remove, keep_first=args.keep_first, keep_last=args.keep_last,
+                   ratio_requested=args.ratio, model_name=args.model)
+    out = save_pruned(result, args.out, tokenizer, overwrite=args.overwrite)
+    r = result.report
+    print(json.dumps({"out": str(out), "removed_blocks": r["removed_blocks"], "num_blocks_after": r["num_blocks_after"],
+                      "params_before": r["params_before"], "params_after": r["params_after"],
+                      "ratio_actual": round(r["ratio_actual"], 4)}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ShortenedError as exc:
+        print(f"shortened {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""What every block-importance criterion shares: its signature, its result and how blocks are selected."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedModel
+
+from shortened.errors import ShortenedError
+
+
+@dataclass
+class ScoringContext:
+    """Options every criterion receives. ``allowed`` are the blocks that may be removed (the "+" rule)."""
+
+    allowed: list[int]
+    batch_size: int = 1
+    n_remove: int | None = None  # only the iterative criterion needs it: how many removal steps to run
+    progress: bool = True
+
+
+@dataclass
+class BlockScores:
+    """One score per original block; **higher means more important** for every criterion.
+
+    ``extra`` holds what a criterion needs beyond per-block scores to select blocks (``removal_order`` for
+    ``iterative``, ``span_distance`` for ``angular``).
+    """
+
+    criterion: str
+    scores: list[float]
+    extra: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    model: str = ""
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["scores"] = [None if (s is None or math.isnan(s)) else float(s) for s in self.scores]
+        return d
+
+    @classmethod
+    def from_json(cls, data: dict) -> BlockScores:
+        data = dict(data)
+        data["scores"] = [math.nan if s is None else float(s) for s in data["scores"]]
+        return cls(**{k: data[k] for k in ("criterion", "scores", "extra", "calibration", "model") if k in data})
+
+    def save(self, path: str | Path) -> None:
+        from shortened.io import write_json_atomic
+
+        write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> BlockScores:
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls.from_json(data)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ShortenedError(f"scores file {str(path)!r} is not a readable scores JSON: {exc}") from exc
+
+
+class ScoreFn(Protocol):
+    def __call__(self, model: PreTrainedModel, calibration: torch.Tensor, ctx: ScoringContext) -> BlockScores: ...
+
+
+SelectFn = Callable[[BlockScores, int, Sequence[int]], list[int]]
+
+
+def select_lowest(scores: BlockScores, n: int, allowed: Sequence[int]) -> list[int]:
+    """The ``n`` allowed blocks with the lowest scores (ties broken by index)."""
+    ranked = sorted(allowed, key=lambda i: (scores.scores[i], i))
+    return sorted(ranked[:n])
+
+
+@dataclass(frozen=True)
+class Criterion:
+    name: str
+    score: ScoreFn
+    select: SelectFn = select_lowest
+    description: str = ""
+
+
+def batches(calibration: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    if batch_size < 1:
+        raise ShortenedError(f"batch_size must be >= 1, got {batch_size}")
+    return list(calibration.split(batch_size))

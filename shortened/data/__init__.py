@@ -1,0 +1,1 @@
+"""Data layer: text sources (local shards, globs, hub datasets) and calibration windows."""

