@@ -44,7 +44,10 @@ def test_gguf_load_matches_converted_folder(smollm2, tmp_path):
 
 
 def test_hub_id_without_network_is_a_clear_error(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import
     with pytest.raises(ShortenedError, match="'no-such-org/no-such-model' could not be read"):
         load_model("no-such-org/no-such-model", device="cpu")
 

@@ -13,6 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from shortened.errors import ShortenedError
+from shortened.io import write_json_atomic
 
 
 @dataclass
@@ -51,8 +52,6 @@ class BlockScores:
         return cls(**{k: data[k] for k in ("criterion", "scores", "extra", "calibration", "model") if k in data})
 
     def save(self, path: str | Path) -> None:
-        from shortened.io import write_json_atomic
-
         write_json_atomic(path, self.to_json())
 
     @classmethod
