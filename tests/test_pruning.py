@@ -44,7 +44,9 @@ def test_keep_rule_and_block_count_errors():
 
 
 def test_prune_report_and_saved_checkpoint(tmp_path):
-    model = tiny_model("qwen2")
+    model = tiny_model("qwen2", max_window_layers=3, use_sliding_window=True, sliding_window=8)
+    types_before = list(model.config.layer_types)
+    assert len(set(types_before)) == 2  # mixed full/sliding layers, so the subsetting is visible
     calib = random_tokens(4, 24)
     scores = score_blocks(model, "ppl", calib, keep_first=1, keep_last=1, batch_size=4, progress=False)
     n = blocks_for_ratio(model, 0.3)
@@ -65,7 +67,7 @@ def test_prune_report_and_saved_checkpoint(tmp_path):
                           "keep_first", "keep_last", "calibration"}
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.num_hidden_layers == LAYERS - n
-    assert list(reloaded.config.layer_types) == [t for i, t in enumerate(model.config.layer_types)]
+    assert list(reloaded.config.layer_types) == [types_before[i] for i in r["kept_blocks"]]
     with pytest.raises(ShortenedError, match="exists and is not empty"):
         save_pruned(result, out)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind

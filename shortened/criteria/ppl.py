@@ -24,9 +24,9 @@ def removal_nll(model: PreTrainedModel, calibration: torch.Tensor, candidates: S
     """Summed calibration NLL of the model without block ``i``, for each candidate ``i`` (cached method)."""
     blocks = find_blocks(model).blocks
     nll = dict.fromkeys(candidates, 0.0)
-    work = len(batches(calibration, batch_size)) * len(candidates)
-    with tqdm(total=work, desc=desc, disable=not progress, unit="block") as bar:
-        for ids in batches(calibration, batch_size):
+    chunks = batches(calibration, batch_size)
+    with tqdm(total=len(chunks) * len(candidates), desc=desc, disable=not progress, unit="block") as bar:
+        for ids in chunks:
             ids = ids.to(model.device)
             trace = trace_blocks(model, ids)
             for i in candidates:
