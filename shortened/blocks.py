@@ -34,13 +34,17 @@ class BlockList:
         return len(self.blocks)
 
 
+# Names transformers configs use for the layer count (GPT-2 style configs alias num_hidden_layers to n_layer).
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
 def text_config(config: PretrainedConfig) -> PretrainedConfig:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def num_layers(config: PretrainedConfig) -> int | None:
     cfg = text_config(config)
-    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+    for key in _LAYER_COUNT_KEYS:
         value = getattr(cfg, key, None)
         if isinstance(value, int):
             return value
@@ -86,7 +90,7 @@ def _renumber(blocks: Sequence[nn.Module]) -> None:
 
 def _set_layer_count(config: PretrainedConfig, n: int) -> None:
     cfg = text_config(config)
-    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+    for key in _LAYER_COUNT_KEYS:
         if isinstance(getattr(cfg, key, None), int):
             setattr(cfg, key, n)
             return
