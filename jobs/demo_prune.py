@@ -8,23 +8,17 @@ transformers, and compares held-out perplexity and a greedy generation with the 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
-import torch
 from transformers import AutoModelForCausalLM
 
-from shortened.criteria.trace import token_nll
+from shortened.blocks import find_blocks
+from shortened.criteria.ppl import perplexity
 from shortened.data.calibration import CalibrationConfig, calibration_windows, describe
+from shortened.data.sources import resolve_alias
 from shortened.models import load_model, load_tokenizer
 from shortened.paths import REPO_ROOT
 from shortened.pruning import blocks_for_ratio, prune, save_pruned, score_blocks
-
-
-@torch.no_grad()
-def perplexity(model, tokens: torch.Tensor) -> float:
-    nll = sum(token_nll(model(input_ids=t[None], use_cache=False).logits, t[None]).item() for t in tokens)
-    return math.exp(nll / (tokens.shape[0] * (tokens.shape[1] - 1)))
 
 
 def generate(model, tokenizer, prompt: str) -> str:
@@ -45,8 +39,8 @@ def main() -> None:
     calib_cfg = CalibrationConfig()
     calib = calibration_windows(tokenizer, calib_cfg)
     heldout = calibration_windows(tokenizer, CalibrationConfig(n_samples=20, seq_len=128, seed=1,
-                                                               source=_validation_source()))
-    print(f"[{time.perf_counter() - t0:5.0f}s] loaded {args.model}: {len(model.model.layers)} blocks")
+                                                               source=resolve_alias("slimpajama-sample", "validation")))
+    print(f"[{time.perf_counter() - t0:5.0f}s] loaded {args.model}: {len(find_blocks(model))} blocks")
     dense_ppl = perplexity(model, heldout)
     prompt = "The three most important things to know about the French Revolution are"
     dense_text = generate(model, tokenizer, prompt)
@@ -72,12 +66,6 @@ def main() -> None:
     print(f"\nprompt: {prompt!r}\n  dense : {dense_text}\n  pruned: {generate(pruned, tokenizer, prompt)}")
     print(f"\n(no retraining yet: pruning alone costs quality; CPT/LoRA heal it.) done in "
           f"{time.perf_counter() - t0:.0f}s")
-
-
-def _validation_source() -> str:
-    from shortened.data.sources import resolve_alias
-
-    return resolve_alias("slimpajama-sample", split="validation")
 
 
 if __name__ == "__main__":

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
-import torch
 
 from shortened.blocks import without_blocks
-from shortened.criteria.ppl import removal_nll, removal_nll_naive
-from shortened.criteria.trace import token_nll
+from shortened.criteria.ppl import perplexity, removal_nll, removal_nll_naive
 from shortened.data.calibration import CalibrationConfig, calibration_windows
 from shortened.pruning import allowed_blocks, blocks_for_ratio, prune, score_blocks
 
 pytestmark = pytest.mark.slow
-
-
-@torch.no_grad()
-def calib_ppl(model, calib) -> float:
-    return math.exp(token_nll(model(input_ids=calib, use_cache=False).logits, calib).item()
-                    / (calib.shape[0] * (calib.shape[1] - 1)))
 
 
 def test_cached_ppl_scores_equal_naive_on_smollm2(smollm2, smollm2_tokenizer):
@@ -33,7 +24,7 @@ def test_cached_ppl_scores_equal_naive_on_smollm2(smollm2, smollm2_tokenizer):
 
 def test_ppl_pruning_beats_random_block_removal(smollm2, smollm2_tokenizer):
     calib = calibration_windows(smollm2_tokenizer, CalibrationConfig())  # paper: 10 x 128, seed 0
-    dense_ppl = calib_ppl(smollm2, calib)
+    dense_ppl = perplexity(smollm2, calib, batch_size=10)
     scores = score_blocks(smollm2, "ppl", calib, batch_size=10, progress=False)
     assert scores.scores[0] > 100 * dense_ppl  # the first block is vital in every LLM
     n = blocks_for_ratio(smollm2, 0.20)
@@ -43,10 +34,10 @@ def test_ppl_pruning_beats_random_block_removal(smollm2, smollm2_tokenizer):
     for seed in range(3):
         removed = sorted(random.Random(seed).sample(allowed, n))
         with without_blocks(smollm2, removed):
-            random_ppls.append(calib_ppl(smollm2, calib))
+            random_ppls.append(perplexity(smollm2, calib, batch_size=10))
     chosen = sorted(sorted(allowed, key=lambda i: scores.scores[i])[:n])
     with without_blocks(smollm2, chosen):
-        pruned_ppl = calib_ppl(smollm2, calib)
+        pruned_ppl = perplexity(smollm2, calib, batch_size=10)
     print(f"dense {dense_ppl:.2f}, ppl-pruned {pruned_ppl:.2f}, random {[round(p, 2) for p in random_ppls]}")
     assert dense_ppl < pruned_ppl < min(random_ppls)
     # and the library's prune() removes exactly those blocks
@@ -54,4 +45,4 @@ def test_ppl_pruning_beats_random_block_removal(smollm2, smollm2_tokenizer):
     report = prune(model, scores, n, ratio_requested=0.2).report
     assert report["removed_blocks"] == chosen and report["num_blocks_after"] == 23
     assert report["ratio_actual"] == pytest.approx(0.184, abs=0.002)
-    assert calib_ppl(model, calib) == pytest.approx(pruned_ppl, rel=1e-5)
+    assert perplexity(model, calib, batch_size=10) == pytest.approx(pruned_ppl, rel=1e-5)

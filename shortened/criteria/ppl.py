@@ -55,6 +55,14 @@ def n_predicted_tokens(calibration: torch.Tensor) -> int:
     return calibration.shape[0] * (calibration.shape[1] - 1)
 
 
+@torch.no_grad()
+def perplexity(model: PreTrainedModel, tokens: torch.Tensor, batch_size: int = 1) -> float:
+    """Perplexity of the model as it is over ``tokens`` windows (next-token NLL, no KV cache)."""
+    nll = sum(token_nll(model(input_ids=ids.to(model.device), use_cache=False).logits, ids.to(model.device)).item()
+              for ids in batches(tokens, batch_size))
+    return math.exp(nll / n_predicted_tokens(tokens))
+
+
 def score_ppl(model: PreTrainedModel, calibration: torch.Tensor, ctx: ScoringContext, *,
               cached: bool = True) -> BlockScores:
     n_blocks = len(find_blocks(model))
