@@ -1,1 +1,16 @@
-"""Data layer: text sources (local shards, globs, hub datasets) and calibration windows."""
+"""Data layer: streamed, rank-split, resumable training data (text corpora and Alpaca instructions), packed into
+fixed-length blocks, and seeded calibration windows for the pruning criteria.
+
+- :mod:`~shortened.data.config`: :class:`DataConfig`, what to read and how.
+- :mod:`~shortened.data.sources`: shard files on any fsspec filesystem or a hub dataset; bad-line accounting.
+- :mod:`~shortened.data.stream`: one rank's documents, each with a resumable :class:`Position`.
+- :mod:`~shortened.data.formats`: a record to ``(input_ids, labels)``; Alpaca prompts masked.
+- :mod:`~shortened.data.packing`: :class:`PackedStream`, ``seq_len`` blocks with an exact cursor.
+- :mod:`~shortened.data.calibration`: ``n_samples × seq_len`` windows for scoring.
+"""
+
+from shortened.data.config import DataConfig
+from shortened.data.packing import PackedStream, take
+from shortened.data.stream import DocumentStream, iter_texts
+
+__all__ = ["DataConfig", "DocumentStream", "PackedStream", "iter_texts", "take"]

@@ -3,37 +3,46 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
 from transformers import PreTrainedTokenizerBase
 
-from shortened.data.sources import SLIMPAJAMA_SAMPLE, iter_texts, resolve_alias
+from shortened.data.config import SLIMPAJAMA_SAMPLE, DataConfig
+from shortened.data.formats import encode
+from shortened.data.sources import resolve_alias
+from shortened.data.stream import DocumentStream
 from shortened.errors import ShortenedError
 
 
 class CalibrationConfig(BaseModel):
     """Paper default: 10 samples × 128 tokens (BookCorpus there; the SlimPajama sample here)."""
 
-    source: str = SLIMPAJAMA_SAMPLE
+    source: str = SLIMPAJAMA_SAMPLE  # any source the data layer reads: path, glob, s3://…, hf:NAME
+    split: str = "train"
+    format: Literal["text", "alpaca"] = "text"
+    mixture: dict[str, float] | None = None
     n_samples: int = Field(10, ge=1)
     seq_len: int = Field(128, ge=2)
     seed: int = 0
     # The windows are drawn from the first ``pool_factor × n_samples × seq_len`` tokens of the stream.
     pool_factor: int = Field(32, ge=1)
 
+    def data_config(self) -> DataConfig:
+        return DataConfig(source=self.source, split=self.split, format=self.format, mixture=self.mixture,
+                          seq_len=self.seq_len, epochs=1)
+
 
 def calibration_windows(tokenizer: PreTrainedTokenizerBase, cfg: CalibrationConfig) -> torch.Tensor:
-    """Tokenize documents (EOS between them) until the pool is full, then draw non-overlapping windows."""
+    """Tokenize documents (EOS after each) until the pool is full, then draw non-overlapping seeded windows."""
     need = cfg.n_samples * cfg.seq_len
     pool_tokens = need * cfg.pool_factor
-    eos = tokenizer.eos_token_id
+    data = cfg.data_config()
     stream: list[int] = []
-    for text in iter_texts(cfg.source):
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            stream.append(eos)
+    for doc in DocumentStream(data):
+        stream.extend(encode(doc.record, data, tokenizer)[0])
         if len(stream) >= pool_tokens:
             break
     n_windows = len(stream) // cfg.seq_len
@@ -42,11 +51,10 @@ def calibration_windows(tokenizer: PreTrainedTokenizerBase, cfg: CalibrationConf
                              f"n_samples × seq_len = {need}")
     rng = np.random.default_rng(cfg.seed)
     starts = np.sort(rng.choice(n_windows, size=cfg.n_samples, replace=False)) * cfg.seq_len
-    tokens = torch.tensor(np.array([stream[s:s + cfg.seq_len] for s in starts]), dtype=torch.long)
-    return tokens
+    return torch.tensor(np.array([stream[s:s + cfg.seq_len] for s in starts]), dtype=torch.long)
 
 
 def describe(cfg: CalibrationConfig, tokens: torch.Tensor) -> dict:
     """What to record next to scores so the calibration set can be reproduced and checked."""
-    return {**cfg.model_dump(), "resolved_source": resolve_alias(cfg.source), "num_tokens": int(tokens.numel()),
-            "sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
+    return {**cfg.model_dump(), "resolved_source": resolve_alias(cfg.source, cfg.split),
+            "num_tokens": int(tokens.numel()), "sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}

@@ -1,0 +1,54 @@
+"""What training data to read and how: one pydantic model for the training workers, the sweep and the CLI."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SLIMPAJAMA_SAMPLE = "slimpajama-sample"
+SLIMPAJAMA_HUB = "hf:cerebras/SlimPajama-627B"
+
+
+class DataConfig(BaseModel):
+    """A stream of documents, tokenized and packed into ``seq_len`` blocks.
+
+    ``source`` is a local file, folder or glob of shards; an fsspec URL (``s3://``, ``gs://``, ``memory://``…) of
+    the same; ``hf:NAME`` for a hub dataset streamed through ``datasets``; or the alias ``slimpajama-sample``
+    (the offline sample when present, else SlimPajama-627B on the hub).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = SLIMPAJAMA_SAMPLE
+    split: str = "train"
+    # ``text``: a JSON line's ``text_field`` (or a whole .txt file); ``alpaca``: instruction/input/output records
+    # with the prompt masked out of the loss.
+    format: Literal["text", "alpaca"] = "text"
+    text_field: str = "text"
+    seq_len: int = Field(2048, ge=2)
+    # Keep or weight subsets: weight 0 drops a set, 0.5 keeps half its documents, 2 reads each twice. Sets not
+    # named get weight 0. ``None`` reads everything once.
+    mixture: dict[str, float] | None = None
+    mixture_field: str = "meta.redpajama_set_name"
+    # How ranks share the stream: whole shards when their count is a multiple of the world size, else documents.
+    split_by: Literal["auto", "shard", "document"] = "auto"
+    epochs: int | None = Field(None, ge=1)  # None: cycle forever (training is budgeted in tokens)
+    shuffle_shards: bool = False  # a seeded shard order per epoch
+    seed: int = 0
+    # Bad lines (not JSON, no text, corrupt compressed data) are skipped and counted; above this share, stop.
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    storage_options: dict[str, Any] = Field(default_factory=dict)  # passed to fsspec (credentials, endpoint)
+    hub_options: dict[str, Any] = Field(default_factory=dict)  # passed to datasets.load_dataset
+
+    @field_validator("mixture")
+    @classmethod
+    def _check_mixture(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        bad = {k: w for k, w in v.items() if not w >= 0}
+        if bad:
+            raise ValueError(f"mixture weights must be >= 0, got {bad}")
+        if not any(w > 0 for w in v.values()):
+            raise ValueError(f"mixture {v} keeps no set: give at least one weight > 0")
+        return v

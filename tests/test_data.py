@@ -1,0 +1,321 @@
+"""The streaming data layer: rank splits, packing, exact resume (also in a new process), mixtures, Alpaca
+masking, object-store URLs, bad input, and flat memory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import uuid
+from collections import Counter
+
+import fsspec
+import psutil
+import pytest
+import torch
+import zstandard
+
+from shortened.data import DataConfig, DocumentStream, PackedStream, take
+from shortened.data.formats import IGNORE_INDEX, alpaca_prompt, encode
+from shortened.errors import ShortenedError
+from shortened.paths import REPO_ROOT
+
+
+def sample(**kw) -> DataConfig:
+    return DataConfig(source="slimpajama-sample", **kw)
+
+
+def write_zst(path, records, frames: int = 1, checksum: bool = True) -> None:
+    """JSON lines compressed as ``frames`` zstd frames (line-aligned), like a shard written in parts."""
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    per = -(-len(lines) // frames)
+    c = zstandard.ZstdCompressor(write_checksum=checksum)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(c.compress(("\n".join(lines[i:i + per]) + "\n").encode())
+                              for i in range(0, len(lines), per)))
+
+
+def small_corpus(root, n_shards=3, docs=25):
+    """Shards of documents of very different lengths (1 word to many blocks) from three sets."""
+    sets = ["RedPajamaWikipedia", "RedPajamaC4", "RedPajamaGithub"]
+    for s in range(n_shards):
+        write_zst(root / f"chunk1/part_{s}.jsonl.zst",
+                  [{"text": f"shard {s} doc {i}: " + "word " * (((i * 7 + s * 3) % 40) ** 2 // 10),
+                    "meta": {"redpajama_set_name": sets[(i + s) % 3]}} for i in range(docs)])
+    return root
+
+
+# -- rank splits --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ranks_see_every_document_exactly_once_per_epoch(world):
+    everything = Counter(d.key for d in DocumentStream(sample(epochs=1)))
+    assert len(everything) == 545 and max(everything.values()) == 1
+    seen: Counter = Counter()
+    for rank in range(world):
+        stream = DocumentStream(sample(epochs=1), rank, world)
+        assert stream.split_mode == ("shard" if 8 % world == 0 else "document")
+        keys = [d.key for d in stream]
+        assert len(keys) >= 545 // world - 1  # balanced within one document (documents) or a shard's share
+        seen.update(keys)
+    assert seen == everything
+
+
+def test_shard_split_gives_whole_shards_and_document_split_reads_all():
+    two = DocumentStream(sample(), 1, 2)
+    assert [p.rsplit("_", 1)[1] for p in two.rank_shards(0)] == ["1.jsonl.zst", "3.jsonl.zst", "5.jsonl.zst",
+                                                                 "7.jsonl.zst"]
+    assert len(DocumentStream(sample(), 1, 3).rank_shards(0)) == 8
+    forced = DocumentStream(sample(split_by="document"), 0, 2)
+    assert forced.split_mode == "document"
+    with pytest.raises(ShortenedError, match="8 shards, fewer than 16 ranks"):
+        DocumentStream(sample(split_by="shard"), 0, 16)
+    with pytest.raises(ShortenedError, match="rank 3 is not in a world of size 3"):
+        DocumentStream(sample(), 3, 3)
+
+
+def test_shuffled_shard_order_is_seeded_and_changes_per_epoch():
+    s = DocumentStream(sample(shuffle_shards=True, seed=1), 0, 1)
+    assert s.rank_shards(0) == DocumentStream(sample(shuffle_shards=True, seed=1)).rank_shards(0)
+    assert s.rank_shards(0) != s.rank_shards(1)
+    assert sorted(s.rank_shards(0)) == sorted(s.rank_shards(1)) == list(s.shards.paths)
+
+
+# -- packing ------------------------------------------------------------------------------------------------------
+
+def test_packing_is_the_token_stream_cut_into_blocks(tmp_path, smollm2_tokenizer):
+    cfg = DataConfig(source=str(small_corpus(tmp_path)), seq_len=32, epochs=1)
+    expected = []
+    for doc in DocumentStream(cfg):
+        ids, labels = encode(doc.record, cfg, smollm2_tokenizer)
+        assert ids[-1] == smollm2_tokenizer.eos_token_id and labels == ids
+        expected += ids
+    blocks = list(PackedStream(cfg, smollm2_tokenizer))
+    assert len(blocks) == len(expected) // 32  # no padding: only the last partial block is dropped
+    flat = torch.cat([b["input_ids"] for b in blocks]).tolist()
+    assert flat == expected[:len(flat)]
+    assert all(torch.equal(b["labels"], b["input_ids"]) and b["input_ids"].dtype == torch.long for b in blocks)
+    batch = take(iter(PackedStream(cfg, smollm2_tokenizer)), 4)
+    assert batch["input_ids"].shape == (4, 32) and torch.equal(batch["input_ids"][1], blocks[1]["input_ids"])
+
+
+# -- resume -------------------------------------------------------------------------------------------------------
+
+def test_cursor_resumes_exactly_after_every_block(tmp_path, smollm2_tokenizer):
+    """Across document, shard and epoch boundaries, with a mixture that repeats and drops documents."""
+    cfg = DataConfig(source=str(small_corpus(tmp_path)), seq_len=48, seed=3,
+                     mixture={"RedPajamaWikipedia": 1.5, "RedPajamaC4": 1, "RedPajamaGithub": 0.25})
+    ref = PackedStream(cfg, smollm2_tokenizer, rank=1, world_size=2)
+    assert ref.docs.split_mode == "document"
+    blocks, states = [], []
+    it = iter(ref)
+    for _ in range(90):
+        blocks.append(next(it)["input_ids"])
+        states.append(json.loads(json.dumps(ref.state_dict())))  # as a checkpoint stores it
+    assert states[-1]["position"]["epoch"] >= 1  # the reference crossed an epoch boundary
+    assert {s["position"]["copy"] for s in states} == {0, 1}  # and repeated documents
+    for k in range(len(blocks) - 1):
+        resumed = PackedStream(cfg, smollm2_tokenizer, rank=1, world_size=2)
+        resumed.load_state_dict(states[k])
+        got = next(iter(resumed))["input_ids"]
+        assert torch.equal(got, blocks[k + 1]), f"resuming after block {k} gave a different block"
+        assert resumed.state_dict() == states[k + 1]
+
+
+RESUME = """
+import json, sys, torch
+from shortened.data import DataConfig, PackedStream
+from shortened.models import load_tokenizer
+cfg = DataConfig.model_validate_json(sys.argv[1])
+s = PackedStream(cfg, load_tokenizer(sys.argv[2]), rank=int(sys.argv[3]), world_size=int(sys.argv[4]))
+s.load_state_dict(json.load(open(sys.argv[5])))
+it = iter(s)
+torch.save(torch.stack([next(it)["input_ids"] for _ in range(int(sys.argv[6]))]), sys.argv[7])
+"""
+
+
+@pytest.mark.parametrize("rank,world", [(1, 2), (2, 3)])
+def test_resume_in_a_new_process_continues_with_the_exact_next_token(tmp_path, smollm2_tokenizer, smollm2_hf_dir,
+                                                                     rank, world):
+    cfg = sample(seq_len=512)
+    k, m = 900, 40  # 900 blocks = 461k tokens: past the first shard of this rank's share
+    ref = PackedStream(cfg, smollm2_tokenizer, rank=rank, world_size=world)
+    it = iter(ref)
+    for _ in range(k):
+        next(it)
+    cursor = tmp_path / "cursor.json"
+    cursor.write_text(json.dumps(ref.state_dict()))
+    assert ref.state_dict()["position"]["shard" if world == 2 else "line"] > 0
+    expected = torch.stack([next(it)["input_ids"] for _ in range(m)])
+    out = tmp_path / "next.pt"
+    subprocess.run([sys.executable, "-c", RESUME, cfg.model_dump_json(), str(smollm2_hf_dir), str(rank), str(world),
+                    str(cursor), str(m), str(out)], check=True, cwd=REPO_ROOT, timeout=300)
+    assert torch.equal(torch.load(out), expected)
+
+
+def test_cursor_from_another_stream_is_refused(smollm2_tokenizer):
+    a = PackedStream(sample(seq_len=64), smollm2_tokenizer, rank=0, world_size=2)
+    next(iter(a))
+    b = PackedStream(sample(seq_len=64), smollm2_tokenizer, rank=0, world_size=3)
+    with pytest.raises(ShortenedError, match="world_size=2.*world_size=3"):
+        b.load_state_dict(a.state_dict())
+    c = PackedStream(sample(seq_len=128), smollm2_tokenizer, rank=0, world_size=2)
+    with pytest.raises(ShortenedError, match="seq_len=64"):
+        c.load_state_dict(a.state_dict())
+
+
+# -- mixture ------------------------------------------------------------------------------------------------------
+
+def test_mixture_keeps_weights_and_drops_sets():
+    def counts(**kw):
+        return Counter(d.record["meta"]["redpajama_set_name"] for d in DocumentStream(sample(epochs=1, **kw)))
+
+    full = counts()
+    assert full == {"RedPajamaGithub": 462, "RedPajamaWikipedia": 56, "RedPajamaC4": 27}
+    mix = {"RedPajamaWikipedia": 1, "RedPajamaC4": 2, "RedPajamaGithub": 0.5}
+    got = counts(mixture=mix)
+    assert got["RedPajamaWikipedia"] == 56 and got["RedPajamaC4"] == 54
+    assert 200 < got["RedPajamaGithub"] < 262  # Binomial(462, 0.5): mean 231, sd 10.7
+    assert counts(mixture=mix) == got  # seeded
+    assert counts(mixture=mix, seed=1)["RedPajamaGithub"] != got["RedPajamaGithub"]
+    assert counts(mixture={"RedPajamaC4": 1}) == {"RedPajamaC4": 27}  # sets not named are dropped
+    with pytest.raises(ShortenedError, match="got no documents.*mixture"):
+        counts(mixture={"RedPajamaBook": 1})
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        sample(mixture={"RedPajamaC4": -1})
+    with pytest.raises(ValueError, match="keeps no set"):
+        sample(mixture={"RedPajamaC4": 0})
+
+
+# -- instruction data ---------------------------------------------------------------------------------------------
+
+def test_alpaca_prompt_is_masked_out_of_the_loss(tmp_path, smollm2_tokenizer):
+    records = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
+               {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+               {"instruction": "no output here"}]
+    (tmp_path / "alpaca_data.json").write_text(json.dumps(records))
+    cfg = DataConfig(source=str(tmp_path / "alpaca_data.json"), format="alpaca", seq_len=16, epochs=1,
+                     max_bad_fraction=0.5)
+    docs = list(DocumentStream(cfg))
+    assert len(docs) == 2
+    for rec in records[:2]:
+        ids, labels = encode(rec, cfg, smollm2_tokenizer)
+        n_prompt = len(smollm2_tokenizer(alpaca_prompt(rec), add_special_tokens=False)["input_ids"])
+        assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+        assert smollm2_tokenizer.decode(ids[n_prompt:]) == rec["output"] + smollm2_tokenizer.eos_token
+    assert "### Input:\n2 and 3" in alpaca_prompt(records[1]) and "### Input" not in alpaca_prompt(records[0])
+    blocks = list(PackedStream(cfg, smollm2_tokenizer))
+    labels = torch.cat([b["labels"] for b in blocks])
+    ids = torch.cat([b["input_ids"] for b in blocks])
+    assert (labels == IGNORE_INDEX).any() and torch.equal(labels[labels != IGNORE_INDEX], ids[labels != IGNORE_INDEX])
+    # JSONL works the same, and plain text corpora can feed LoRA too (format "text")
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records[:2]))
+    assert [d.record for d in DocumentStream(cfg.model_copy(update={"source": str(tmp_path / "a.jsonl")}))] == \
+        records[:2]
+
+
+# -- sources ------------------------------------------------------------------------------------------------------
+
+def test_object_store_url_through_fsspec(smollm2_tokenizer):
+    root = f"memory://bucket-{uuid.uuid4().hex}/slimpajama/train"
+    fs = fsspec.filesystem("memory")
+    for s in range(4):
+        c = zstandard.ZstdCompressor()
+        with fs.open(f"{root}/chunk1/example_train_{s}.jsonl.zst", "wb") as f:
+            f.write(c.compress("\n".join(json.dumps({"text": f"object {s}.{i} " * 30}) for i in range(10)).encode()))
+    for world in (2, 3):
+        keys = Counter(d.key for r in range(world) for d in DocumentStream(DataConfig(source=root, epochs=1), r, world))
+        assert len(keys) == 40 and set(keys.values()) == {1}
+        assert next(iter(keys)).startswith("memory:///bucket-")
+    glob_cfg = DataConfig(source=root + "/chunk1/*_[01].jsonl.zst", seq_len=64, epochs=1)
+    assert len(DocumentStream(glob_cfg).shards.paths) == 2
+    assert len(list(PackedStream(glob_cfg, smollm2_tokenizer))) > 0
+
+
+def test_hub_dataset_stream_splits_and_resumes(data_dir):
+    """``hf:`` goes through datasets streaming; the json builder over local shards stands in for the hub."""
+    files = sorted(str(p) for p in (data_dir / "slimpajama-sample/train/chunk1").glob("*.zst"))[:3]
+    cfg = DataConfig(source="hf:json", epochs=1, hub_options={"data_files": files})
+    whole = Counter(d.record["text"] for d in DocumentStream(cfg))
+    parts = [list(DocumentStream(cfg, r, 2)) for r in range(2)]
+    assert Counter(d.record["text"] for p in parts for d in p) == whole
+    docs = parts[1]
+    again = list(DocumentStream(cfg, 1, 2).iter_from(docs[30].position))
+    assert [d.record["text"] for d in again] == [d.record["text"] for d in docs[30:]]
+
+
+# -- bad input ----------------------------------------------------------------------------------------------------
+
+def test_missing_sources_fail_before_reading(tmp_path, smollm2_tokenizer):
+    with pytest.raises(ShortenedError, match="does not exist"):
+        PackedStream(DataConfig(source=str(tmp_path / "missing")), smollm2_tokenizer)
+    with pytest.raises(ShortenedError, match="glob matches no file"):
+        DocumentStream(DataConfig(source=str(tmp_path / "*.jsonl.zst")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShortenedError, match="folder has no"):
+        DocumentStream(DataConfig(source=str(tmp_path / "empty")))
+    if "s3" not in fsspec.available_protocols() or not _has("s3fs"):
+        with pytest.raises(ShortenedError, match="s3fs"):
+            DocumentStream(DataConfig(source="s3://bucket/slimpajama/train"))
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def test_bad_lines_are_counted_and_a_high_share_stops(tmp_path, caplog):
+    good = [{"text": f"doc {i}"} for i in range(95)]
+    lines = good[:40] + ["not json", '{"no_text": 1}', "[1, 2]", '{"text": 5}', "{broken"] + good[40:]
+    write_zst(tmp_path / "s.jsonl.zst", lines)
+    with caplog.at_level(logging.WARNING, logger="shortened.data.sources"):
+        s = DocumentStream(DataConfig(source=str(tmp_path), epochs=1, max_bad_fraction=0.1))
+        assert len(list(s)) == 95
+    assert (s.bad.lines, s.bad.bad) == (100, 5)
+    assert f"{tmp_path / 's.jsonl.zst'}:41: not JSON" in caplog.text
+    assert f"s.jsonl.zst:42: no string 'text' field" in caplog.text
+    with pytest.raises(ShortenedError, match=r"5 of 100 lines read were bad \(5.0%\), above max_bad_fraction=0.01; "
+                                             r"first: .*s.jsonl.zst:41"):
+        list(DocumentStream(DataConfig(source=str(tmp_path), epochs=1)))
+
+
+def test_corrupt_zstd_frame_costs_only_its_own_lines(tmp_path, caplog):
+    path = tmp_path / "s.jsonl.zst"
+    records = [{"text": f"doc {i} " + "lorem ipsum " * (i % 13)} for i in range(100)]
+    write_zst(path, records, frames=5)
+    raw = bytearray(path.read_bytes())
+    frames = zstandard.ZstdCompressor(write_checksum=True)
+    third = sum(len(frames.compress(("\n".join(json.dumps(r) for r in records[i:i + 20]) + "\n").encode()))
+                for i in (0, 20))
+    for i in range(third + 20, third + 40):  # inside the third frame's compressed data
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="shortened.data.sources"):
+        s = DocumentStream(DataConfig(source=str(path), epochs=1, max_bad_fraction=0.05))
+        texts = [d.record["text"] for d in s]
+    assert texts == [r["text"] for r in records[:40] + records[60:]]
+    assert s.bad.bad == 1 and "corrupt zstd frame" in caplog.text and f"{path}:41" in caplog.text
+    path.write_bytes(bytes(raw[:third]) + bytes(raw[third:third + 30]))  # truncated inside the third frame
+    s = DocumentStream(DataConfig(source=str(path), epochs=1, max_bad_fraction=0.05))
+    assert len(list(s)) == 40 and s.bad.bad == 1 and "truncated" in s.bad.examples[0]
+
+
+# -- memory -------------------------------------------------------------------------------------------------------
+
+def test_memory_stays_flat_over_a_million_tokens(smollm2_tokenizer):
+    stream = PackedStream(sample(seq_len=1024), smollm2_tokenizer)
+    proc = psutil.Process()
+    it = iter(stream)
+    for _ in range(100):  # warm up: 100k tokens
+        next(it)
+    before = proc.memory_info().rss
+    peak = before
+    for i in range(900):  # to 1M tokens (a third of an epoch, shards and long documents included)
+        next(it)
+        if i % 50 == 0:
+            peak = max(peak, proc.memory_info().rss)
+    assert stream.state_dict()["tokens"] == 1000 * 1024
+    grown = (max(peak, proc.memory_info().rss) - before) / 2**20
+    assert grown < 32, f"RSS grew {grown:.1f} MB while streaming 900k tokens"
