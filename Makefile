@@ -31,6 +31,7 @@ demo: venv
 
 bench: venv
 	$(BIN)/python benchmarks/ppl_cached_vs_naive.py
+	$(BIN)/python benchmarks/data_packing.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache benchmarks/results

@@ -1,4 +1,4 @@
-"""The ``shortened`` command line: one verb per job (``score``, ``prune``)."""
+"""The ``shortened`` command line: one verb per job (``score``, ``prune``, ``data``)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     prune.set_defaults(func=cmd_prune)
+
+    data = sub.add_parser("data", help="check a training corpus: shards, rank split, documents per set, bad lines, "
+                                       "tokens")
+    data.add_argument("source", help="file, folder, glob, s3://…/gs://… URL, hf:NAME, or slimpajama-sample")
+    data.add_argument("--split", default="train")
+    data.add_argument("--format", default="text", choices=["text", "alpaca"])
+    data.add_argument("--text-field", default="text")
+    data.add_argument("--mixture", type=json.loads, help='set weights as JSON, e.g. \'{"RedPajamaC4": 2}\'')
+    data.add_argument("--world-size", type=int, default=1, help="show how this many ranks would share it")
+    data.add_argument("--max-bad-fraction", type=float, default=0.01)
+    data.add_argument("--tokenizer", help="model whose tokenizer counts the tokens (slower: tokenizes everything)")
+    data.add_argument("--gguf-file", help="GGUF file name inside the --tokenizer folder")
+    data.set_defaults(func=cmd_data)
     return parser
 
 
@@ -142,6 +155,51 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(json.dumps({"out": str(out), "removed_blocks": r["removed_blocks"], "num_blocks_after": r["num_blocks_after"],
                       "params_before": r["params_before"], "params_after": r["params_after"],
                       "ratio_actual": round(r["ratio_actual"], 4)}))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    import time
+    from collections import Counter
+
+    from pydantic import ValidationError
+
+    from shortened.data import DataConfig, DocumentStream
+    from shortened.data.formats import encode
+    from shortened.data.stream import set_name
+
+    try:
+        cfg = DataConfig(source=args.source, split=args.split, format=args.format, text_field=args.text_field,
+                         mixture=args.mixture, epochs=1, max_bad_fraction=args.max_bad_fraction)
+    except ValidationError as exc:
+        raise ShortenedError(f"bad data option: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from exc
+    tokenizer = None
+    if args.tokenizer:
+        from shortened.models import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer, gguf_file=args.gguf_file)
+    start = time.perf_counter()
+    streams = [DocumentStream(cfg, r, args.world_size) for r in range(args.world_size)]
+    per_rank, sets, tokens = [], Counter(), 0
+    for stream in streams:
+        n = 0
+        for doc in stream:
+            n += 1
+            sets[str(set_name(doc.record, cfg.mixture_field))] += 1
+            if tokenizer is not None:
+                tokens += len(encode(doc.record, cfg, tokenizer)[0])
+        per_rank.append(n)
+    first = streams[0]
+    # every rank reads every line under a document split; each reads its own shards otherwise
+    counted = [first] if first.split_mode == "document" else streams
+    report = {"source": args.source, "resolved": first.source, "split_mode": first.split_mode,
+              "shards": len(first.shards.paths) if first.shards else None, "documents": sum(per_rank),
+              "documents_per_rank": per_rank, "sets": dict(sets.most_common()),
+              "lines": sum(s.bad.lines for s in counted), "bad_lines": sum(s.bad.bad for s in counted),
+              "bad_examples": [e for s in counted for e in s.bad.examples][:3],
+              "tokens": tokens if tokenizer is not None else None,
+              "seconds": round(time.perf_counter() - start, 2)}
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -319,3 +319,15 @@ def test_memory_stays_flat_over_a_million_tokens(smollm2_tokenizer):
     assert stream.state_dict()["tokens"] == 1000 * 1024
     grown = (max(peak, proc.memory_info().rss) - before) / 2**20
     assert grown < 32, f"RSS grew {grown:.1f} MB while streaming 900k tokens"
+
+
+def test_cli_data_reports_the_corpus_and_fails_clearly(tmp_path, capsys):
+    from shortened.cli import main
+
+    assert main(["data", "slimpajama-sample", "--world-size", "2", "--mixture", '{"RedPajamaC4": 1}']) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["split_mode"] == "shard" and report["shards"] == 8 and report["documents"] == 27
+    assert sum(report["documents_per_rank"]) == 27 and report["sets"] == {"RedPajamaC4": 27}
+    assert report["lines"] == 545 and report["bad_lines"] == 0
+    assert main(["data", str(tmp_path / "nothing-*.jsonl")]) == 2
+    assert "glob matches no file" in capsys.readouterr().err
