@@ -1,4 +1,4 @@
-"""The ``shortened`` command line: one verb per job (``score``, ``prune``, ``data``)."""
+"""The ``shortened`` command line: one verb per job (``score``, ``prune``, ``eval``, ``data``)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,33 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     prune.set_defaults(func=cmd_prune)
+
+    ev = sub.add_parser("eval", help="perplexity, zero-shot accuracy (lm-eval) and generation speed of a model")
+    _add_model_args(ev)
+    ev.add_argument("--ppl", help="perplexity datasets: wikitext2,ptb,ptb_valid,c4 ('' for none; default "
+                                  "wikitext2,ptb when neither --tasks nor --speed is given)")
+    ev.add_argument("--ppl-protocol", default="paper", choices=["paper", "gptq"],
+                    help="paper: 128-token windows; gptq: 2048")
+    ev.add_argument("--ppl-seq-len", type=int, help="override the protocol's window length")
+    ev.add_argument("--ppl-bos", default="auto", choices=["auto", "first", "every", "none"],
+                    help="BOS on the first window only (auto: if the tokenizer adds one), on every window, or none")
+    ev.add_argument("--ppl-windows", type=int, help="evaluate only the first N windows (quick runs)")
+    ev.add_argument("--tasks", help="zero-shot tasks, comma-separated, or 'all': boolq,piqa,hellaswag,winogrande,"
+                                    "arc_easy,arc_challenge,openbookqa")
+    ev.add_argument("--tasks-source", default="local", choices=["local", "hub"],
+                    help="local files in ../shared/data (offline) or lm-eval's hub tasks")
+    ev.add_argument("--limit", type=int, help="zero-shot items per task (quick runs; default: full splits)")
+    ev.add_argument("--speed", action="store_true", help="generation latency/throughput and peak memory")
+    ev.add_argument("--speed-batch-sizes", default="1", help="comma-separated (paper: 1,...,256)")
+    ev.add_argument("--speed-new-tokens", default="128", help="comma-separated forced output lengths (paper: 128,512)")
+    ev.add_argument("--speed-repeats", type=int, default=3)
+    ev.add_argument("--speed-warmup", type=int, default=1)
+    ev.add_argument("--baseline", help="a second model for --speed, run alternately; rows get speedups over it")
+    ev.add_argument("--batch-size", type=int, default=8, help="sequences per forward for ppl and zero-shot")
+    ev.add_argument("--out", required=True, help="results JSON file to write")
+    ev.add_argument("--overwrite", action="store_true")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=cmd_eval)
 
     data = sub.add_parser("data", help="check a training corpus: shards, rank split, documents per set, bad lines, "
                                        "tokens")
@@ -155,6 +182,58 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(json.dumps({"out": str(out), "removed_blocks": r["removed_blocks"], "num_blocks_after": r["num_blocks_after"],
                       "params_before": r["params_before"], "params_after": r["params_after"],
                       "ratio_actual": round(r["ratio_actual"], 4)}))
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ShortenedError(f"{flag} takes comma-separated integers, got {text!r}") from exc
+    if not values or min(values) < 1:
+        raise ShortenedError(f"{flag} needs integers >= 1, got {text!r}")
+    return values
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from shortened.evaluation import EvalConfig, evaluate, metric_rows
+    from shortened.io import check_output_file, write_json_atomic
+    from shortened.models import load_model, load_tokenizer
+
+    nothing_asked = args.ppl is None and not args.tasks and not args.speed
+    ppl = "wikitext2,ptb" if nothing_asked else (args.ppl or "")
+    try:
+        cfg = EvalConfig(ppl=[d.strip() for d in ppl.split(",") if d.strip()], ppl_protocol=args.ppl_protocol,
+                         ppl_seq_len=args.ppl_seq_len, ppl_bos=args.ppl_bos, ppl_max_windows=args.ppl_windows,
+                         tasks=[t for t in (args.tasks or "").split(",") if t.strip()], tasks_source=args.tasks_source,
+                         limit=args.limit, speed=args.speed,
+                         speed_batch_sizes=_int_list(args.speed_batch_sizes, "--speed-batch-sizes"),
+                         speed_new_tokens=_int_list(args.speed_new_tokens, "--speed-new-tokens"),
+                         speed_repeats=args.speed_repeats, speed_warmup=args.speed_warmup,
+                         batch_size=args.batch_size, progress=not args.quiet)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ShortenedError(f"bad eval option {'.'.join(map(str, err['loc']))}: {err['msg']}") from exc
+    if args.baseline and not args.speed:
+        raise ShortenedError("--baseline is compared by --speed; add --speed")
+    out = check_output_file(args.out, args.overwrite)
+    model = load_model(args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.model, gguf_file=args.gguf_file)
+    baseline = None
+    if args.baseline:
+        baseline = (load_model(args.baseline, device=args.device, dtype=args.dtype), load_tokenizer(args.baseline))
+    result = {"model": args.model, "baseline": args.baseline, **evaluate(model, tokenizer, cfg, baseline)}
+    write_json_atomic(out, result)
+    print("| metric | dataset/task | value | protocol |\n|---|---|---|---|")
+    for r in metric_rows(result):
+        print(f"| {r['name']} | {r['dataset']} | {r['value']:.4f} | {r['protocol']} |")
+    if "speed" in result:
+        from shortened.evaluation.speed import speed_table
+
+        print("\n" + speed_table(result["speed"]))
+    print(f"\nwrote {out}")
     return 0
 
 

@@ -56,10 +56,14 @@ def n_predicted_tokens(calibration: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def perplexity(model: PreTrainedModel, tokens: torch.Tensor, batch_size: int = 1) -> float:
-    """Perplexity of the model as it is over ``tokens`` windows (next-token NLL, no KV cache)."""
-    nll = sum(token_nll(model(input_ids=ids.to(model.device), use_cache=False).logits, ids.to(model.device)).item()
-              for ids in batches(tokens, batch_size))
+def perplexity(model: PreTrainedModel, tokens: torch.Tensor, batch_size: int = 1, progress: bool = False,
+               desc: str = "ppl") -> float:
+    """Perplexity of the model as it is over ``tokens`` windows: exp of the mean next-token NLL over every
+    predicted token of every window (no KV cache, fp32 loss)."""
+    nll = 0.0
+    for ids in tqdm(batches(tokens, batch_size), desc=desc, disable=not progress, unit="batch"):
+        ids = ids.to(model.device)
+        nll += token_nll(model(input_ids=ids, use_cache=False).logits, ids).item()
     return math.exp(nll / n_predicted_tokens(tokens))
 
 

@@ -1,0 +1,105 @@
+"""Judge a model three ways: perplexity (paper/gptq protocols), the seven zero-shot tasks (lm-eval), and
+generation speed. :func:`evaluate` runs what an :class:`EvalConfig` asks on a model in memory and returns one
+JSON-able dict with everything needed to reproduce each number; ``shortened eval`` is its command line."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from shortened.evaluation.perplexity import PPL_DATASETS, PROTOCOL_SEQ_LEN, evaluate_ppl
+from shortened.evaluation.zeroshot import TASKS, evaluate_zeroshot, parse_tasks
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ppl: list[str] = Field(default_factory=lambda: ["wikitext2", "ptb"])
+    ppl_protocol: Literal["paper", "gptq"] = "paper"
+    ppl_seq_len: int | None = Field(None, ge=2)  # None: the protocol's (128 paper, 2048 gptq)
+    ppl_bos: Literal["auto", "first", "every", "none"] = "auto"
+    ppl_max_windows: int | None = Field(None, ge=1)  # quick runs: the first N windows
+    ppl_source: Literal["auto", "local", "hub"] = "auto"
+    tasks: list[str] = Field(default_factory=list)  # zero-shot tasks, or ["all"]
+    tasks_source: Literal["local", "hub"] = "local"
+    limit: int | None = Field(None, ge=1)  # zero-shot items per task (None: full splits)
+    speed: bool = False
+    speed_batch_sizes: list[int] = Field(default_factory=lambda: [1])
+    speed_new_tokens: list[int] = Field(default_factory=lambda: [128])
+    speed_repeats: int = Field(3, ge=1)
+    speed_warmup: int = Field(1, ge=0)
+    batch_size: int = Field(8, ge=1)
+    progress: bool = True
+
+    @field_validator("ppl")
+    @classmethod
+    def _known_ppl(cls, v: list[str]) -> list[str]:
+        unknown = [d for d in v if d not in PPL_DATASETS]
+        if unknown:
+            raise ValueError(f"unknown perplexity dataset(s) {unknown}; choose from {', '.join(PPL_DATASETS)}")
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        return parse_tasks(v) if v else v
+
+
+def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig,
+             baseline: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None) -> dict:
+    """Perplexity rows, zero-shot rows and mean, and speed rows (vs ``baseline`` when given) for one model."""
+    import lm_eval
+    import torch
+    import transformers
+
+    from shortened.blocks import num_layers
+    from shortened.evaluation.speed import compare_speed
+    from shortened.models import count_params
+
+    start = time.perf_counter()
+    result: dict = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "config": cfg.model_dump(),
+                    "model_info": {"params": count_params(model), "blocks": num_layers(model.config),
+                                   "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device)},
+                    "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                 "lm_eval": lm_eval.__version__}}
+    result["ppl"] = [evaluate_ppl(model, tokenizer, d, protocol=cfg.ppl_protocol, seq_len=cfg.ppl_seq_len,
+                                  bos=cfg.ppl_bos, batch_size=cfg.batch_size, max_windows=cfg.ppl_max_windows,
+                                  source=cfg.ppl_source, progress=cfg.progress) for d in cfg.ppl]
+    if cfg.tasks:
+        result["zeroshot"] = evaluate_zeroshot(model, tokenizer, cfg.tasks, limit=cfg.limit,
+                                               batch_size=cfg.batch_size, source=cfg.tasks_source)
+    if cfg.speed:
+        models = {"model": (model, tokenizer)}
+        if baseline is not None:
+            models = {"baseline": baseline, **models}
+        result["speed"] = compare_speed(models, batch_sizes=cfg.speed_batch_sizes, new_tokens=cfg.speed_new_tokens,
+                                        repeats=cfg.speed_repeats, warmup=cfg.speed_warmup, progress=cfg.progress)
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def metric_rows(result: dict) -> list[dict]:
+    """Flat ``{name, dataset, value, protocol}`` rows of an :func:`evaluate` result (for tables and the store)."""
+    rows = [{"name": "ppl", "dataset": r["dataset"], "value": r["value"], "protocol": f"{r['protocol']}-{r['seq_len']}"}
+            for r in result.get("ppl", [])]
+    zs = result.get("zeroshot")
+    if zs:
+        protocol = f"lm-eval-{zs['lm_eval_version']}" + (f"-limit{zs['limit']}" if zs["limit"] else "")
+        rows += [{"name": r["metric"], "dataset": r["task"], "value": r["value"], "protocol": protocol}
+                 for r in zs["tasks"]]
+        rows.append({"name": "zeroshot_mean", "dataset": "+".join(r["task"] for r in zs["tasks"]),
+                     "value": zs["mean"], "protocol": protocol})
+    for r in result.get("speed", []):
+        if r["model"] != "baseline":
+            for name in ("latency_s", "tokens_per_s", "peak_memory_mb", "speedup_vs_baseline"):
+                rows.append({"name": name, "dataset": f"gen-b{r['batch_size']}-n{r['new_tokens']}",
+                             "value": r[name], "protocol": r["memory_kind"] if "memory" in name else "greedy"})
+    return rows
+
+
+__all__ = ["EvalConfig", "PROTOCOL_SEQ_LEN", "TASKS", "evaluate", "metric_rows"]

@@ -1,0 +1,167 @@
+"""The paper's seven zero-shot tasks through lm-evaluation-harness, on a model object in memory.
+
+Task definitions of our own read the local files in ``../shared/data/zeroshot`` (no network) and reproduce
+lm-eval's standard prompts; with ``source="hub"`` lm-eval's own hub tasks run instead. The paper reports acc for
+BoolQ, PIQA, WinoGrande and ARC-e, acc_norm for HellaSwag, ARC-c and OBQA, and the mean of the seven.
+"""
+
+from __future__ import annotations
+
+import bz2
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from shortened.errors import ShortenedError
+from shortened.paths import shared_data_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ZeroShotTask:
+    name: str
+    metric: Literal["acc", "acc_norm"]  # the paper's metric for this task
+    local: str  # file under the shared data folder
+    hub_task: str  # lm-eval's registered task
+    load: Callable[[Path], list[dict]]  # local file -> normalized docs
+    chance: float  # accuracy of a random guess, for sanity checks
+
+
+def _jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _boolq(path: Path) -> list[dict]:
+    docs = []
+    for d in _jsonl(path):
+        q = d["query"].removeprefix("Passage: ")
+        docs.append({"query": q + ("" if q.endswith("?") else "?") + "\nAnswer:", "choices": d["choices"],
+                     "gold": d["gold"]})
+    return docs
+
+
+def _arc(path: Path) -> list[dict]:
+    return [{"query": d["query"] + "\nAnswer:", "choices": d["choices"], "gold": d["gold"]} for d in _jsonl(path)]
+
+
+def _obqa(path: Path) -> list[dict]:
+    return [{"query": d["query"], "choices": d["choices"], "gold": d["gold"]} for d in _jsonl(path)]
+
+
+def _piqa(path: Path) -> list[dict]:
+    labels = (path.parent / "valid-labels.lst").read_text().split()
+    docs = _jsonl(path)
+    if len(labels) != len(docs):
+        raise ShortenedError(f"{path}: {len(docs)} items but {len(labels)} labels in valid-labels.lst")
+    return [{"query": f"Question: {d['goal']}\nAnswer:", "choices": [d["sol1"], d["sol2"]], "gold": int(y)}
+            for d, y in zip(docs, labels)]
+
+
+def _hellaswag(path: Path) -> list[dict]:
+    """6 lines an item: query, gold index, 4 endings (lm-eval's clean-up already applied)."""
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    lines = lines[:len(lines) // 6 * 6]
+    return [{"query": lines[i], "choices": lines[i + 2:i + 6], "gold": int(lines[i + 1])}
+            for i in range(0, len(lines), 6)]
+
+
+def _winogrande(path: Path) -> list[dict]:
+    """Partial scoring, as lm-eval: the continuation is scored after each candidate context."""
+    return [{"contexts": d["context_options"], "continuation": d["continuation"], "gold": d["gold"]}
+            for d in _jsonl(path)]
+
+
+TASKS: dict[str, ZeroShotTask] = {t.name: t for t in [
+    ZeroShotTask("boolq", "acc", "zeroshot/gauntlet/boolq.jsonl", "boolq", _boolq, 0.5),
+    ZeroShotTask("piqa", "acc", "zeroshot/piqa/valid.jsonl", "piqa", _piqa, 0.5),
+    ZeroShotTask("hellaswag", "acc_norm", "zeroshot/hellaswag_val_full.txt.bz2", "hellaswag", _hellaswag, 0.25),
+    ZeroShotTask("winogrande", "acc", "zeroshot/gauntlet/winogrande.jsonl", "winogrande", _winogrande, 0.5),
+    ZeroShotTask("arc_easy", "acc", "zeroshot/gauntlet/arc_easy.jsonl", "arc_easy", _arc, 0.25),
+    ZeroShotTask("arc_challenge", "acc_norm", "zeroshot/gauntlet/arc_challenge.jsonl", "arc_challenge", _arc, 0.25),
+    ZeroShotTask("openbookqa", "acc_norm", "zeroshot/gauntlet/openbook_qa.jsonl", "openbookqa", _obqa, 0.25),
+]}
+PREFIX = "shortened_"
+
+
+def parse_tasks(spec: str | Sequence[str]) -> list[str]:
+    names = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
+    if names == ["all"]:
+        return list(TASKS)
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        raise ShortenedError(f"unknown zero-shot task(s) {unknown}; choose from {', '.join(TASKS)} or 'all'")
+    return names
+
+
+def load_docs(task: str) -> tuple[list[dict], Path]:
+    t = TASKS[task]
+    data = shared_data_dir()
+    path = data / t.local if data is not None else Path(t.local)
+    if not path.is_file():
+        raise ShortenedError(f"zero-shot task {task!r}: local file {path} is missing (set SHORTENED_DATA_DIR or "
+                             "use source='hub')")
+    return t.load(path), path
+
+
+def task_config(task: str) -> dict:
+    """An lm-eval task config (a dict lm-eval builds a ConfigurableTask from) reading the local file."""
+    docs, path = load_docs(task)
+
+    def dataset(**_):
+        import datasets
+
+        return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
+
+    if task == "winogrande":
+        texts = dict(doc_to_text=lambda d: d["gold"], doc_to_choice=lambda d: d["contexts"],
+                     doc_to_target=lambda d: d["continuation"])
+    else:
+        texts = dict(doc_to_text=lambda d: d["query"], doc_to_choice=lambda d: d["choices"],
+                     doc_to_target=lambda d: d["gold"])
+    return {"task": PREFIX + task, "custom_dataset": dataset, "test_split": "test", "output_type": "multiple_choice",
+            "num_fewshot": 0,
+            **texts, "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                                     for m in ("acc", "acc_norm")],
+            "metadata": {"version": 1.0, "local_file": str(path)}}
+
+
+def evaluate_zeroshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: str | Sequence[str] = "all",
+                      *, limit: int | None = None, batch_size: int = 8, source: Literal["local", "hub"] = "local",
+                      max_length: int | None = None) -> dict:
+    """Run the tasks through lm-eval's HFLM wrapping ``model`` (no copy); one row per task plus the mean."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    names = parse_tasks(tasks)
+    start = time.perf_counter()
+    specs = [task_config(t) for t in names] if source == "local" else [TASKS[t].hub_task for t in names]
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    was_training = model.training
+    model.eval()
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=specs, num_fewshot=0, limit=limit, bootstrap_iters=0,
+                                      log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+    finally:
+        model.train(was_training)
+    rows = []
+    for t in names:
+        key = PREFIX + t if source == "local" else TASKS[t].hub_task
+        res = out["results"][key]
+        metric = TASKS[t].metric
+        rows.append({"metric": metric, "task": t, "value": float(res[f"{metric},none"]),
+                     "acc": float(res["acc,none"]), "acc_norm": float(res.get("acc_norm,none", res["acc,none"])),
+                     "items": int(out["n-samples"][key]["effective"]), "items_total": int(out["n-samples"][key]
+                                                                                           ["original"]),
+                     "chance": TASKS[t].chance, "source": source})
+    mean = sum(r["value"] for r in rows) / len(rows)
+    return {"tasks": rows, "mean": mean, "complete": len(names) == len(TASKS), "limit": limit,
+            "lm_eval_version": lm_eval.__version__, "seconds": time.perf_counter() - start}

@@ -1,0 +1,117 @@
+"""Where a training loop runs: inside Ray Train (:class:`RaySession`) or as plain processes (:class:`LocalSession`,
+one process or ``torchrun``). The loop only sees rank, device, ``report`` and ``restore``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def restore(self) -> Iterator[str | None]:
+        """The latest checkpoint folder to resume from, or None."""
+        raise NotImplementedError
+
+
+class RaySession(Session):
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size, self.local_rank = (ctx.get_world_rank(), ctx.get_world_size(),
+                                                       ctx.get_local_rank())
+
+    @property
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    @contextmanager
+    def restore(self) -> Iterator[str | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as d:
+            yield d
+
+
+class LocalSession(Session):
+    """No Ray: checkpoints go to ``run_dir/checkpoints/NNNNNN`` (last ``keep`` kept), metrics to
+    ``run_dir/metrics.jsonl``. Rank and world size come from torchrun's environment, else 0 of 1."""
+
+    def __init__(self, run_dir: str | Path, keep: int = 2):
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.run_dir, self.keep = Path(run_dir), keep
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        existing = self._checkpoints()
+        self.next_index = int(existing[-1].name) + 1 if existing else 0
+        if "MASTER_ADDR" not in os.environ:  # a single process: a private rendezvous
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                              LOCAL_RANK="0")
+        self.metrics: list[dict] = []
+
+    def _checkpoints(self) -> list[Path]:
+        root = self.run_dir / "checkpoints"
+        return sorted(p for p in root.glob("[0-9]*") if p.is_dir()) if root.is_dir() else []
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        self.metrics.append(metrics)
+        if self.rank == 0:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if checkpoint_dir:
+            dest = self.run_dir / "checkpoints" / f"{self.next_index:06d}"
+            self.next_index += 1
+            shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)  # ranks merge into one folder
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+            if self.rank == 0:
+                for old in self._checkpoints()[:-self.keep]:
+                    shutil.rmtree(old)
+
+    @contextmanager
+    def restore(self) -> Iterator[str | None]:
+        existing = self._checkpoints()
+        yield str(existing[-1]) if existing else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

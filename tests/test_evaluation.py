@@ -1,0 +1,174 @@
+"""Evaluation: perplexity protocols, zero-shot tasks through lm-eval checked against a hand computation,
+generation speed with forced lengths, and the `shortened eval` command."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shortened.blocks import remove_blocks
+from shortened.evaluation import EvalConfig, evaluate, metric_rows
+from shortened.evaluation.perplexity import evaluate_ppl, load_rows, ppl_windows
+from shortened.evaluation.speed import compare_speed
+from shortened.evaluation.zeroshot import TASKS, evaluate_zeroshot, load_docs
+from tiny_models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2_tokenizer):
+    return tiny_model("llama", vocab_size=len(smollm2_tokenizer)).eval()
+
+
+# -- perplexity ---------------------------------------------------------------------------------------------------
+
+def test_local_ppl_datasets_match_the_hub_splits(data_dir):
+    rows, origin = load_rows("wikitext2")
+    assert len(rows) == 4358 and origin.endswith("wiki.test.raw")  # HF wikitext-2-raw-v1 test has 4358 rows
+    assert rows[0] == "" and rows[1] == " = Robert Boulter = \n"
+    assert len(load_rows("ptb")[0]) == 3761 and load_rows("ptb")[0][0] == "no it was n't black monday"
+    assert len(load_rows("ptb_valid")[0]) == 3370
+    assert len(load_rows("c4")[0]) == 30
+
+
+def test_paper_and_gptq_windows(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    rows, _ = load_rows("wikitext2")
+    ids = tok("\n\n".join(rows), add_special_tokens=False)["input_ids"]
+    paper, facts = ppl_windows(rows, tok, dataset="wikitext2")
+    assert facts["bos"] == "none"  # SmolLM2's tokenizer adds no BOS by itself
+    assert paper.shape == (len(ids) // 128, 128) and paper.flatten().tolist() == ids[:paper.numel()]
+    first, f1 = ppl_windows(rows, tok, dataset="wikitext2", bos="first")
+    assert first[0, 0] == tok.bos_token_id and first[0, 1:].tolist() == ids[:127] and first[1, 0] != tok.bos_token_id
+    every, _ = ppl_windows(rows, tok, dataset="wikitext2", bos="every")
+    assert (every[:, 0] == tok.bos_token_id).all() and every[1, 1:].tolist() == ids[127:254]
+    gptq, g = ppl_windows(rows, tok, dataset="wikitext2", protocol="gptq")
+    assert gptq.shape == (len(ids) // 2048, 2048) and g["seq_len"] == 2048
+    c4, c = ppl_windows(load_rows("c4")[0], tok, dataset="c4", protocol="gptq")
+    assert c["joined_with"] == " "
+
+
+def test_ppl_equals_a_hand_computation_and_is_deterministic(tiny, smollm2_tokenizer):
+    res = evaluate_ppl(tiny, smollm2_tokenizer, "ptb", max_windows=6, batch_size=4, progress=False)
+    windows, _ = ppl_windows(load_rows("ptb")[0], smollm2_tokenizer, dataset="ptb")
+    with torch.no_grad():
+        losses = [tiny(input_ids=w[None], labels=w[None]).loss.item() for w in windows[:6]]
+    assert res["value"] == pytest.approx(math.exp(sum(losses) / 6), rel=1e-5)
+    assert res["tokens_evaluated"] == 6 * 128 and res["windows"] == len(windows) and res["split"] == "test"
+    again = evaluate_ppl(tiny, smollm2_tokenizer, "ptb", max_windows=6, batch_size=1, progress=False)
+    assert again["value"] == pytest.approx(res["value"], rel=1e-6)
+
+
+# -- zero-shot ----------------------------------------------------------------------------------------------------
+
+def test_local_task_files_are_the_full_splits(data_dir):
+    sizes = {t: len(load_docs(t)[0]) for t in TASKS}
+    assert sizes == {"boolq": 3270, "piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 2376,
+                     "arc_challenge": 1172, "openbookqa": 500}
+    boolq = load_docs("boolq")[0][0]
+    assert boolq["query"].endswith("?\nAnswer:") and not boolq["query"].startswith("Passage:")
+    assert boolq["choices"] == ["no", "yes"]
+    for t in TASKS:
+        for d in load_docs(t)[0][:50]:
+            options = d.get("choices", d.get("contexts"))
+            assert 0 <= d["gold"] < len(options)
+
+
+def _loglik(model, tok, context: str, continuation: str) -> float:
+    """lm-eval's scoring, independently: log p(continuation | context), trailing context spaces moved over."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([whole])
+    with torch.no_grad():
+        logp = F.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    return sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+
+
+def test_zero_shot_through_lm_eval_equals_a_hand_computation(tiny, smollm2_tokenizer):
+    tok, n = smollm2_tokenizer, 6
+    res = evaluate_zeroshot(tiny, tok, ["arc_easy", "winogrande", "piqa"], limit=n, batch_size=4)
+    rows = {r["task"]: r for r in res["tasks"]}
+    for task in ("arc_easy", "piqa"):
+        acc = acc_norm = 0
+        for d in load_docs(task)[0][:n]:
+            ll = [_loglik(tiny, tok, d["query"], " " + c) for c in d["choices"]]
+            norm = [x / len(c) for x, c in zip(ll, d["choices"])]
+            acc += max(range(len(ll)), key=ll.__getitem__) == d["gold"]
+            acc_norm += max(range(len(norm)), key=norm.__getitem__) == d["gold"]
+        assert rows[task]["acc"] == pytest.approx(acc / n) and rows[task]["acc_norm"] == pytest.approx(acc_norm / n)
+    acc = sum(max(range(2), key=lambda i: _loglik(tiny, tok, d["contexts"][i], " " + d["continuation"])) == d["gold"]
+              for d in load_docs("winogrande")[0][:n])
+    assert rows["winogrande"]["acc"] == pytest.approx(acc / n)
+    assert rows["arc_easy"]["items"] == n and rows["arc_easy"]["items_total"] == 2376
+    assert res["mean"] == pytest.approx(sum(r["value"] for r in res["tasks"]) / 3) and not res["complete"]
+    assert res["lm_eval_version"] == "0.4.13"
+
+
+# -- speed --------------------------------------------------------------------------------------------------------
+
+def test_speed_forces_output_length_and_compares_models(tiny, smollm2_tokenizer):
+    pruned = tiny_model("llama", vocab_size=len(smollm2_tokenizer)).eval()
+    remove_blocks(pruned, [2, 3, 4, 5])
+    rows = compare_speed({"baseline": (tiny, smollm2_tokenizer), "pruned": (pruned, smollm2_tokenizer)},
+                         batch_sizes=[1, 3], new_tokens=[5, 9], repeats=2, warmup=1, progress=False)
+    assert [(r["model"], r["batch_size"], r["new_tokens"]) for r in rows] == [
+        (m, b, n) for b in (1, 3) for n in (5, 9) for m in ("baseline", "pruned")]
+    for r in rows:
+        assert len(r["latency_runs_s"]) == 2 and r["tokens_per_s"] == pytest.approx(r["batch_size"] *
+                                                                                   r["new_tokens"] / r["latency_s"])
+        assert r["memory_kind"] == "process_rss" and r["peak_memory_mb"] > 100
+        if r["model"] == "baseline":
+            assert r["speedup_vs_baseline"] == 1.0
+
+
+# -- the command --------------------------------------------------------------------------------------------------
+
+def test_cli_eval_writes_every_section(tiny_llama_dir, tmp_path, capsys):
+    from shortened.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(tiny_llama_dir), "--ppl", "wikitext2,c4", "--ppl-windows", "3",
+                 "--tasks", "openbookqa", "--limit", "3", "--speed", "--speed-new-tokens", "4", "--speed-repeats", "1",
+                 "--baseline", str(tiny_llama_dir), "--out", str(out), "--quiet"]) == 0
+    r = json.loads(out.read_text())
+    assert [p["dataset"] for p in r["ppl"]] == ["wikitext2", "c4"] and r["ppl"][0]["protocol"] == "paper"
+    assert r["zeroshot"]["tasks"][0]["items"] == 3 and r["zeroshot"]["lm_eval_version"] == "0.4.13"
+    assert {s["model"] for s in r["speed"]} == {"baseline", "model"}
+    assert r["model_info"]["blocks"] == 8 and r["versions"]["lm_eval"] == "0.4.13"
+    names = {(m["name"], m["dataset"]) for m in metric_rows(r)}
+    assert ("ppl", "c4") in names and ("acc_norm", "openbookqa") in names and ("latency_s", "gen-b1-n4") in names
+    assert "| ppl | wikitext2 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ppl", "wikitext3"], "unknown perplexity dataset"),
+    (["--tasks", "mmlu"], "unknown zero-shot task"),
+    (["--speed", "--speed-batch-sizes", "1,x"], "--speed-batch-sizes takes comma-separated integers"),
+    (["--ppl", "ptb", "--baseline", "x"], "--baseline is compared by --speed"),
+])
+def test_cli_eval_bad_input(tiny_llama_dir, tmp_path, capsys, args, message):
+    from shortened.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(tiny_llama_dir), *args, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_evaluate_config_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown perplexity dataset"):
+        EvalConfig(ppl=["wiki"])
+    assert EvalConfig(tasks=["all"]).tasks == list(TASKS)
+
+
+@pytest.mark.slow
+def test_smollm2_wikitext2_perplexity_is_sane(smollm2, smollm2_tokenizer):
+    """A sanity number on the real model: first 64 paper windows of WikiText-2 (the full split is in the note)."""
+    cfg = EvalConfig(ppl=["wikitext2"], ppl_max_windows=64, progress=False)
+    dense = evaluate(smollm2, smollm2_tokenizer, cfg)["ppl"][0]["value"]
+    assert 20 < dense < 120  # 64.0 measured; a broken model or protocol gives hundreds to thousands
