@@ -33,6 +33,7 @@ bench: venv
 	$(BIN)/python benchmarks/ppl_cached_vs_naive.py
 	$(BIN)/python benchmarks/data_packing.py
 	$(BIN)/python benchmarks/eval_speed.py
+	$(BIN)/python benchmarks/retrain.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache benchmarks/results

@@ -1,4 +1,4 @@
-"""The ``shortened`` command line: one verb per job (``score``, ``prune``, ``eval``, ``data``)."""
+"""The ``shortened`` command line: one verb per job (``score``, ``prune``, ``retrain``, ``eval``, ``data``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from shortened.errors import ShortenedError
 
@@ -63,6 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     prune.set_defaults(func=cmd_prune)
+
+    rt = sub.add_parser("retrain", help="heal a pruned model: CPT, LoRA, CPT+LoRA or distillation on Ray Train "
+                                         "with DeepSpeed ZeRO; re-running the same --name resumes")
+    rt.add_argument("--model", required=True, help="the (pruned) HF model folder")
+    rt.add_argument("--method", choices=["cpt", "lora", "cpt+lora", "distill"], help="default: cpt")
+    rt.add_argument("--config", help="YAML with TrainConfig fields (flags below override it)")
+    rt.add_argument("--data", help="training data source (file, folder, glob, s3://…, hf:NAME, slimpajama-sample)")
+    rt.add_argument("--train-tokens", type=int, help="token budget across all workers")
+    rt.add_argument("--seq-len", type=int)
+    rt.add_argument("--micro-batch-size", type=int)
+    rt.add_argument("--grad-accum", type=int)
+    rt.add_argument("--lr", type=float)
+    rt.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
+    rt.add_argument("--teacher", help="distill: the unpruned model (default: pruning.json's model)")
+    rt.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    rt.add_argument("--use-gpu", action="store_true")
+    rt.add_argument("--cpus-per-worker", type=float, default=1)
+    rt.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
+    rt.add_argument("--max-failures", type=int, default=0, help="restart failed workers from the last checkpoint")
+    rt.add_argument("--storage-path", default=str(Path.home() / "ray_results"),
+                    help="Ray Train storage (shared storage on multi-node clusters)")
+    rt.add_argument("--name", help="run name (default: the output folder's name); the same name resumes")
+    rt.add_argument("--out", required=True, help="folder for the retrained HF checkpoint")
+    rt.add_argument("--overwrite", action="store_true")
+    rt.set_defaults(func=cmd_retrain)
 
     ev = sub.add_parser("eval", help="perplexity, zero-shot accuracy (lm-eval) and generation speed of a model")
     _add_model_args(ev)
@@ -182,6 +208,53 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(json.dumps({"out": str(out), "removed_blocks": r["removed_blocks"], "num_blocks_after": r["num_blocks_after"],
                       "params_before": r["params_before"], "params_after": r["params_after"],
                       "ratio_actual": round(r["ratio_actual"], 4)}))
+    return 0
+
+
+def train_config(args: argparse.Namespace):
+    """TrainConfig from --config YAML with flags on top; a clear error naming a bad field."""
+    import yaml
+    from pydantic import ValidationError
+
+    from shortened.training.config import TrainConfig
+
+    fields: dict = {}
+    if args.config:
+        try:
+            fields = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ShortenedError(f"--config {args.config}: {exc}") from exc
+        if not isinstance(fields, dict):
+            raise ShortenedError(f"--config {args.config}: expected a mapping of TrainConfig fields")
+    flags = {"method": args.method, "train_tokens": args.train_tokens, "micro_batch_size": args.micro_batch_size,
+             "grad_accum": args.grad_accum, "lr": args.lr, "zero_stage": args.zero_stage}
+    fields.update({k: v for k, v in flags.items() if v is not None})
+    data = dict(fields.get("data") or {})
+    if args.data:
+        data["source"] = args.data
+    if args.seq_len:
+        data["seq_len"] = args.seq_len
+    fields["data"] = data
+    try:
+        return TrainConfig.model_validate(fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = f" ({args.config})" if args.config else ""
+        raise ShortenedError(f"bad retrain setting {'.'.join(map(str, err['loc']))}{where}: {err['msg']}") from exc
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from shortened.training.retrain import ScaleConfig, retrain
+
+    cfg = train_config(args)
+    scale = ScaleConfig(num_workers=args.workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+                        placement_strategy=args.placement)
+    result = retrain(args.model, args.out, cfg, scale=scale, storage_path=args.storage_path,
+                     name=args.name or Path(args.out).name, max_failures=args.max_failures,
+                     overwrite=args.overwrite, teacher=args.teacher)
+    print(json.dumps({"out": result.model_dir, "metrics": result.metrics,
+                      "phases": [{"phase": p["phase"], "run": p["run"], "checkpoint": p["checkpoint"]}
+                                 for p in result.phases]}, indent=2, default=str))
     return 0
 
 

@@ -70,6 +70,8 @@ def test_zero3_worker_killed_mid_run_resumes_the_exact_token_stream(ray_cluster,
     faulty = retrain(str(tiny_llama_dir), str(tmp_path / "faulty"), c, storage_path=str(tmp_path / "s"),
                      name="faulty", scale=ScaleConfig(num_workers=2), max_failures=1,
                      worker_env={"SHORTENED_FAULT": f"1:9:{marker}"})  # rank 1 dies after step 9
+    history = json.loads((tmp_path / "clean" / "retraining.json").read_text())["history"]
+    assert history[-1]["loss"] < history[0]["loss"] - 0.5  # ZeRO-3 trains too
     assert marker.exists()  # the fault happened, and the run still finished
     log1 = [json.loads(x)["step"] for x in open(tmp_path / ".faulty.tokens.rank1.jsonl")]
     # (0-based steps) the checkpoint after 6 steps was restored: steps 6-8 were trained twice, 0-5 and 9-15 once
@@ -150,3 +152,24 @@ def test_distillation_loss_decreases(tiny_llama_dir, tmp_path, smollm2_tokenizer
     labels = torch.ones(2, 5, dtype=torch.long)
     assert distill_loss(logits, logits, labels, 2.0).abs() < 1e-6
     assert distill_loss(logits, torch.randn(2, 5, 11), labels, 2.0) > 0.01
+
+
+def test_cli_cpt_then_lora_runs_two_phases(ray_cluster, tiny_llama_dir, tmp_path, capsys):
+    from shortened.cli import main
+
+    yaml_cfg = tmp_path / "t.yaml"
+    yaml_cfg.write_text("micro_batch_size: 2\nlr: 3.0e-3\nreport_every_steps: 2\nlora:\n  train_tokens: 512\n")
+    out = tmp_path / "healed"
+    assert main(["retrain", "--model", str(tiny_llama_dir), "--method", "cpt+lora", "--config", str(yaml_cfg),
+                 "--train-tokens", "1024", "--seq-len", "64", "--zero-stage", "2", "--workers", "2",
+                 "--storage-path", str(tmp_path / "s"), "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [p["phase"] for p in report["phases"]] == ["cpt", "lora"] and report["metrics"]["step"] == 2
+    lora = json.loads((out / "retraining.json").read_text())
+    assert lora["method"] == "lora" and lora["base_model"] == str(tmp_path / "s" / "healed-cpt" / "model")
+    cpt = json.loads((tmp_path / "s" / "healed-cpt" / "model" / "retraining.json").read_text())
+    assert cpt["method"] == "cpt" and cpt["history"][-1]["tokens"] == 1024
+    AutoModelForCausalLM.from_pretrained(out)  # plain transformers loads the merged result
+    assert main(["retrain", "--model", str(tiny_llama_dir), "--config", str(tmp_path / "missing.yaml"),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
