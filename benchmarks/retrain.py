@@ -20,7 +20,7 @@ import time
 import psutil
 import torch
 
-from shortened.data import DataConfig, PackedStream
+from shortened.data import DataConfig, PackedStream, take
 from shortened.evaluation.perplexity import evaluate_ppl
 from shortened.models import load_model, load_tokenizer, materialize
 from shortened.paths import REPO_ROOT
@@ -42,9 +42,8 @@ def bare_loop(model_dir: str, cfg: TrainConfig, steps: int) -> float:
     for step in range(steps):
         if step == skip:
             start = time.perf_counter()
-        items = [next(it) for _ in range(cfg.micro_batch_size)]
-        loss = model(input_ids=torch.stack([x["input_ids"] for x in items]),
-                     labels=torch.stack([x["labels"] for x in items])).loss
+        batch = take(it, cfg.micro_batch_size)
+        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()

@@ -211,10 +211,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def validated(cls, fields: dict, what: str):
+    """``cls(**fields)``, or a ShortenedError naming the first bad field (``what`` says which settings)."""
+    from pydantic import ValidationError
+
+    try:
+        return cls.model_validate(fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ShortenedError(f"bad {what} {'.'.join(map(str, err['loc']))}: {err['msg']}") from exc
+
+
 def train_config(args: argparse.Namespace):
     """TrainConfig from --config YAML with flags on top; a clear error naming a bad field."""
     import yaml
-    from pydantic import ValidationError
 
     from shortened.training.config import TrainConfig
 
@@ -235,12 +245,7 @@ def train_config(args: argparse.Namespace):
     if args.seq_len:
         data["seq_len"] = args.seq_len
     fields["data"] = data
-    try:
-        return TrainConfig.model_validate(fields)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = f" ({args.config})" if args.config else ""
-        raise ShortenedError(f"bad retrain setting {'.'.join(map(str, err['loc']))}{where}: {err['msg']}") from exc
+    return validated(TrainConfig, fields, f"retrain setting{f' ({args.config})' if args.config else ''}")
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
@@ -269,26 +274,21 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from shortened.evaluation import EvalConfig, evaluate, metric_rows
     from shortened.io import check_output_file, write_json_atomic
     from shortened.models import load_model, load_tokenizer
 
     nothing_asked = args.ppl is None and not args.tasks and not args.speed
     ppl = "wikitext2,ptb" if nothing_asked else (args.ppl or "")
-    try:
-        cfg = EvalConfig(ppl=[d.strip() for d in ppl.split(",") if d.strip()], ppl_protocol=args.ppl_protocol,
-                         ppl_seq_len=args.ppl_seq_len, ppl_bos=args.ppl_bos, ppl_max_windows=args.ppl_windows,
-                         tasks=[t for t in (args.tasks or "").split(",") if t.strip()], tasks_source=args.tasks_source,
-                         limit=args.limit, speed=args.speed,
-                         speed_batch_sizes=_int_list(args.speed_batch_sizes, "--speed-batch-sizes"),
-                         speed_new_tokens=_int_list(args.speed_new_tokens, "--speed-new-tokens"),
-                         speed_repeats=args.speed_repeats, speed_warmup=args.speed_warmup,
-                         batch_size=args.batch_size, progress=not args.quiet)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ShortenedError(f"bad eval option {'.'.join(map(str, err['loc']))}: {err['msg']}") from exc
+    fields = dict(ppl=[d.strip() for d in ppl.split(",") if d.strip()], ppl_protocol=args.ppl_protocol,
+                  ppl_seq_len=args.ppl_seq_len, ppl_bos=args.ppl_bos, ppl_max_windows=args.ppl_windows,
+                  tasks=[t for t in (args.tasks or "").split(",") if t.strip()], tasks_source=args.tasks_source,
+                  limit=args.limit, speed=args.speed,
+                  speed_batch_sizes=_int_list(args.speed_batch_sizes, "--speed-batch-sizes"),
+                  speed_new_tokens=_int_list(args.speed_new_tokens, "--speed-new-tokens"),
+                  speed_repeats=args.speed_repeats, speed_warmup=args.speed_warmup,
+                  batch_size=args.batch_size, progress=not args.quiet)
+    cfg = validated(EvalConfig, fields, "eval option")
     if args.baseline and not args.speed:
         raise ShortenedError("--baseline is compared by --speed; add --speed")
     out = check_output_file(args.out, args.overwrite)
@@ -314,17 +314,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     import time
     from collections import Counter
 
-    from pydantic import ValidationError
-
     from shortened.data import DataConfig, DocumentStream
     from shortened.data.formats import encode
     from shortened.data.stream import set_name
 
-    try:
-        cfg = DataConfig(source=args.source, split=args.split, format=args.format, text_field=args.text_field,
-                         mixture=args.mixture, epochs=1, max_bad_fraction=args.max_bad_fraction)
-    except ValidationError as exc:
-        raise ShortenedError(f"bad data option: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from exc
+    cfg = validated(DataConfig, dict(source=args.source, split=args.split, format=args.format,
+                                     text_field=args.text_field, mixture=args.mixture, epochs=1,
+                                     max_bad_fraction=args.max_bad_fraction), "data option")
     tokenizer = None
     if args.tokenizer:
         from shortened.models import load_tokenizer

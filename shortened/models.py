@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +120,17 @@ def load_tokenizer(spec: str | ModelSource, *, gguf_file: str | None = None) -> 
         return AutoTokenizer.from_pretrained(source.path, **source.from_pretrained_kwargs())
     except Exception as exc:
         raise ShortenedError(f"tokenizer of {source.describe()!r} could not be loaded: {exc}") from exc
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The model in eval mode inside the block, back in its former mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def count_params(module: torch.nn.Module) -> int:

@@ -114,6 +114,14 @@ class BadLines:
         if self.lines >= self.min_lines:
             self.check()
 
+    def accept(self, where: str, problem: str | None) -> bool:
+        """Count a record: bad (skipped, with ``problem`` as the reason) or good."""
+        if problem:
+            self.skip(where, problem)
+            return False
+        self.ok()
+        return True
+
     def check(self) -> None:
         if self.lines and self.bad / self.lines > self.max_fraction:
             raise ShortenedError(
@@ -235,12 +243,8 @@ def read_records(shards: ShardSet, path: str, bad: BadLines, *, start_line: int 
                 except ValueError as exc:
                     bad.skip(f"{url}:{lineno}", f"not JSON ({exc.__class__.__name__}: {str(exc)[:80]})")
                     continue
-                problem = _problem(record, check)
-                if problem:
-                    bad.skip(f"{url}:{lineno}", problem)
-                    continue
-                bad.ok()
-                yield lineno, record
+                if bad.accept(f"{url}:{lineno}", _problem(record, check)):
+                    yield lineno, record
             for err in errors[seen:]:
                 bad.skip(f"{url}:{lineno + 1}", err)
     except _CORRUPT as exc:
@@ -265,12 +269,8 @@ def _read_json_array(shards: ShardSet, path: str, url: str, bad: BadLines, start
     for i, record in enumerate(data, 1):
         if i < start:
             continue
-        problem = _problem(record, check)
-        if problem:
-            bad.skip(f"{url}:[{i}]", problem)
-            continue
-        bad.ok()
-        yield i, record
+        if bad.accept(f"{url}:[{i}]", _problem(record, check)):
+            yield i, record
 
 
 def open_hub(name: str, split: str, options: dict | None = None):

@@ -146,12 +146,7 @@ class DocumentStream:
                     break
                 index, count = count, count + 1
                 where = f"{self.source}[rank {self.rank}]#{index}"
-                problem = record_problem(record, cfg)
-                if problem:
-                    self.bad.skip(where, problem)
-                    continue
-                self.bad.ok()
-                if is_empty(record, cfg):
+                if not self.bad.accept(where, record_problem(record, cfg)) or is_empty(record, cfg):
                     continue
                 first_copy = start.copy if start is not None and index == start.count else 0
                 for copy in range(first_copy, self._copies(record, where, epoch)):

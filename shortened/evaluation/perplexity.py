@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shortened.criteria.ppl import perplexity
 from shortened.errors import ShortenedError
+from shortened.models import eval_mode
 from shortened.paths import shared_data_dir
 
 Protocol = Literal["paper", "gptq"]
@@ -147,12 +148,8 @@ def evaluate_ppl(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dat
     if max_windows is not None:
         windows = windows[:max_windows]
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         value = perplexity(model, windows, batch_size=batch_size, progress=progress, desc=f"ppl {dataset}")
-    finally:
-        model.train(was_training)
     split = PPL_DATASETS[dataset].split
     return {"metric": "ppl", "dataset": dataset, "split": split, "value": value, "source": origin, **facts,
             "windows_evaluated": int(len(windows)), "tokens_evaluated": int(windows.numel()),

@@ -19,6 +19,7 @@ from typing import Literal
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shortened.errors import ShortenedError
+from shortened.models import eval_mode
 from shortened.paths import shared_data_dir
 
 log = logging.getLogger(__name__)
@@ -145,13 +146,9 @@ def evaluate_zeroshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     start = time.perf_counter()
     specs = [task_config(t) for t in names] if source == "local" else [TASKS[t].hub_task for t in names]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = lm_eval.simple_evaluate(model=lm, tasks=specs, num_fewshot=0, limit=limit, bootstrap_iters=0,
                                       log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
-    finally:
-        model.train(was_training)
     rows = []
     for t in names:
         key = PREFIX + t if source == "local" else TASKS[t].hub_task

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
-from shortened.data import PackedStream
+from shortened.data import PackedStream, take
 from shortened.training.config import TrainConfig
 from shortened.training.deepspeed_config import deepspeed_config, resolve_precision
 from shortened.training.session import RaySession, Session
@@ -162,9 +162,8 @@ def run(phase: Phase, session: Session) -> dict:
     metrics: dict = {}
     while step < steps_total:
         for micro in range(cfg.grad_accum):
-            items = [next(it) for _ in range(cfg.micro_batch_size)]
-            ids = torch.stack([x["input_ids"] for x in items]).to(device)
-            labels = torch.stack([x["labels"] for x in items]).to(device)
+            batch = take(it, cfg.micro_batch_size)
+            ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
             if token_log is not None:
                 _log_tokens(token_log, rank, step, micro, ids)
             out = engine(input_ids=ids, labels=labels, use_cache=False)
@@ -188,7 +187,7 @@ def run(phase: Phase, session: Session) -> dict:
             metrics = {"step": step, "steps_total": steps_total, "loss": mean[0].item() / mean[1].item(),
                        "lr": scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_s":
                        mean[1].item() / cfg.grad_accum / world * tokens_per_step / max(seconds, 1e-9),
-                       "epoch": stream.state_dict()["position"]["epoch"] if stream.cursor.position else 0,
+                       "epoch": stream.cursor.position.epoch if stream.cursor.position else 0,
                        "phase": phase.method}
             history.append(metrics)
             if save:
