@@ -1,4 +1,5 @@
-"""The ``shortened`` command line: one verb per job (``score``, ``prune``, ``retrain``, ``eval``, ``data``)."""
+"""The ``shortened`` command line: one verb per job (``score``, ``prune``, ``retrain``, ``eval``, ``data``, ``sweep``,
+``results``, ``select``, ``report``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from shortened.errors import ShortenedError
+from shortened.errors import ShortenedError, validated
 
 log = logging.getLogger("shortened")
 
@@ -117,6 +118,36 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_eval)
 
+    sw = sub.add_parser("sweep", help="the main job: Ray Tune trials over criteria × ratios × methods (prune → "
+                                      "retrain → evaluate), a results store, and the selected ratio")
+    sw.add_argument("config", help="sweep YAML (see jobs/configs/demo.yaml)")
+    sw.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
+    sw.add_argument("--name", help="override the config's experiment name")
+    sw.add_argument("--storage-path", help="override storage_path (shared storage on a multi-node cluster)")
+    sw.add_argument("--store", help="override store_url (e.g. postgresql://user@host/db)")
+    sw.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    sw.set_defaults(func=cmd_sweep)
+
+    for verb, helptext, fn in (("results", "print an experiment's trials and metrics", cmd_results),
+                               ("select", "choose the trial to ship by a policy, and say why", cmd_select),
+                               ("report", "write a Markdown/HTML report with plots", cmd_report)):
+        p = sub.add_parser(verb, help=helptext)
+        p.add_argument("experiment", help="experiment folder (STORAGE/NAME), or a name with --store/--storage-path")
+        p.add_argument("--store", help="results store URL (default: the experiment folder's SQLite file)")
+        p.add_argument("--storage-path", default="runs", help="where experiment folders live (default: runs)")
+        p.set_defaults(func=fn)
+        if verb == "results":
+            p.add_argument("--format", default="table", choices=["table", "json", "csv"])
+        if verb == "select":
+            p.add_argument("--policy", choices=["max_ratio_within", "best_under_budget", "pareto"])
+            p.add_argument("--metric", help="ppl:wikitext2, zeroshot_mean, acc:piqa, ... (default: the config's)")
+            p.add_argument("--tolerance", type=float, help="max_ratio_within: allowed %% change from dense")
+            p.add_argument("--max-params", type=int, help="best_under_budget: parameter budget")
+            p.add_argument("--max-latency", type=float, help="best_under_budget: batch-1 latency budget (s)")
+        if verb == "report":
+            p.add_argument("--out", help="folder for the report and plots (default: EXPERIMENT/report)")
+            p.add_argument("--format", default="md", choices=["md", "html"])
+
     data = sub.add_parser("data", help="check a training corpus: shards, rank split, documents per set, bad lines, "
                                        "tokens")
     data.add_argument("source", help="file, folder, glob, s3://…/gs://… URL, hf:NAME, or slimpajama-sample")
@@ -209,17 +240,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
                       "params_before": r["params_before"], "params_after": r["params_after"],
                       "ratio_actual": round(r["ratio_actual"], 4)}))
     return 0
-
-
-def validated(cls, fields: dict, what: str):
-    """``cls(**fields)``, or a ShortenedError naming the first bad field (``what`` says which settings)."""
-    from pydantic import ValidationError
-
-    try:
-        return cls.model_validate(fields)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ShortenedError(f"bad {what} {'.'.join(map(str, err['loc']))}: {err['msg']}") from exc
 
 
 def train_config(args: argparse.Namespace):
@@ -348,6 +368,93 @@ def cmd_data(args: argparse.Namespace) -> int:
               "tokens": tokens if tokenizer is not None else None,
               "seconds": round(time.perf_counter() - start, 2)}
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from shortened.sweep import load_sweep_config
+    from shortened.sweep.report import markdown_table, trial_table
+    from shortened.sweep.runner import run_sweep
+
+    cfg = load_sweep_config(args.config, {"name": args.name, "storage_path": args.storage_path,
+                                          "store_url": args.store})
+    outcome = run_sweep(cfg, resume=args.resume, address=args.address)
+    print(markdown_table(*trial_table(outcome.trials)))
+    _print_choice(outcome.choice)
+    print(f"\nexperiment {outcome.experiment_dir} ({len(outcome.ran)} trial(s) run now, "
+          f"{outcome.seconds / 60:.1f} min); store {outcome.store_url}")
+    return 0
+
+
+def _print_choice(choice) -> None:
+    if choice.chosen:
+        print(f"\nselected: {choice.chosen['key']} (policy {choice.policy}, metric {choice.metric})\n  why: "
+              f"{choice.reason}\n  model: {choice.chosen['model_path']}")
+    else:
+        print(f"\nselected: nothing (policy {choice.policy}, metric {choice.metric})\n  why: {choice.reason}")
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    import csv
+
+    from shortened.sweep.report import markdown_table, trial_table
+
+    store, name, _ = open_experiment_args(args)
+    trials = store.trials(name)
+    if args.format == "json":
+        print(json.dumps(trials, indent=2, default=str))
+    elif args.format == "csv":
+        w = csv.writer(sys.stdout)
+        w.writerow(["trial", "status", "criterion", "method", "ratio", "ratio_actual", "num_blocks", "params",
+                    "tokens_trained", "metric", "dataset", "protocol", "value"])
+        for t in trials:
+            for m in t["metrics"] or [{"name": "", "dataset": "", "protocol": "", "value": ""}]:
+                w.writerow([t["key"], t["status"], t["criterion"], t["method"], t["ratio"], t["ratio_actual"],
+                            t["num_blocks"], t["params"], t["tokens_trained"], m["name"], m["dataset"],
+                            m["protocol"], m["value"]])
+    else:
+        print(markdown_table(*trial_table(trials)))
+    return 0
+
+
+def _selection(args: argparse.Namespace, store, name: str):
+    from shortened.sweep.config import Selection
+
+    saved = store.experiment(name)["config"].get("selection", {})
+    flags = {"policy": getattr(args, "policy", None), "metric": getattr(args, "metric", None),
+             "tolerance_pct": getattr(args, "tolerance", None), "max_params": getattr(args, "max_params", None),
+             "max_latency_s": getattr(args, "max_latency", None)}
+    return validated(Selection, {**saved, **{k: v for k, v in flags.items() if v is not None}}, "selection option")
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from shortened.sweep.selection import select
+
+    store, name, _ = open_experiment_args(args)
+    choice = select(store.trials(name), _selection(args, store, name))
+    print("| trial | ratio | value | meets policy |\n|---|---|---|---|")
+    for c in choice.candidates:
+        print(f"| {c['key']} | {c['ratio']:.3f} | {c['value']:.4g} | {'yes' if c.get('ok') else 'no'} |")
+    if choice.baseline is not None:
+        print(f"| dense | 0.000 | {choice.baseline:.4g} | baseline |")
+    _print_choice(choice)
+    return 0 if choice.chosen else 1
+
+
+def open_experiment_args(args: argparse.Namespace):
+    from shortened.sweep.report import open_experiment
+
+    return open_experiment(args.experiment, args.store, args.storage_path)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from shortened.sweep.report import write_report
+    from shortened.sweep.selection import select
+
+    store, name, exp_dir = open_experiment_args(args)
+    choice = select(store.trials(name), _selection(args, store, name))
+    out = write_report(store, name, args.out or (exp_dir / "report"), choice, args.format)
+    print(f"wrote {out}")
     return 0
 
 

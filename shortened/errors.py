@@ -3,3 +3,17 @@
 
 class ShortenedError(ValueError):
     """Bad input or an unsupported model, raised before anything is written."""
+
+
+def validated(cls, fields: dict, what: str):
+    """``cls.model_validate(fields)``, or a ShortenedError naming the first bad field; ``what`` says whose fields."""
+    from pydantic import ValidationError
+
+    try:
+        return cls.model_validate(fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(map(str, err["loc"])) or "(top level)"
+        value = f" (got {err['input']!r})" if err.get("type") != "missing" and not isinstance(err.get("input"), dict) \
+            else ""
+        raise ShortenedError(f"bad {what} {loc}: {err['msg']}{value}") from exc

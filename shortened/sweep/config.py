@@ -1,0 +1,186 @@
+"""What a sweep runs: one YAML validated into :class:`SweepConfig` before anything starts.
+
+A sweep is the grid criteria × amounts (ratios or block counts) × methods, plus the dense baseline evaluated once,
+or a bisection over the block count (``search: bisect``). Each trial prunes, retrains, evaluates and is written to
+the results store; a selection policy then picks the trial to ship.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shortened.criteria import CRITERIA
+from shortened.data.calibration import CalibrationConfig
+from shortened.evaluation import EvalConfig
+from shortened.training.config import TrainConfig
+
+SweepMethod = Literal["none", "lora", "cpt", "cpt+lora", "distill"]
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class Resources(BaseModel):
+    """Per-trial resources. A trial's driver holds ``driver_cpus`` for its whole life; its Ray Train workers, and its
+    prune/evaluate task, take the rest, one at a time. Concurrency defaults to what the cluster fits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workers_per_trial: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, gt=0)
+    task_cpus: float | None = Field(None, gt=0)  # prune/evaluate task; default: a worker's CPUs
+    task_gpus: float | None = Field(None, ge=0)  # default: one worker's GPUs when use_gpu
+    driver_cpus: float = Field(0.05, gt=0, le=1)  # the Tune trial itself only waits on its tasks
+    max_concurrent_trials: int | None = Field(None, ge=1)  # default: as many as the cluster fits
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(0, ge=0)  # Ray Train restarts of a trial's workers (from the last checkpoint)
+
+    @property
+    def task_cpu(self) -> float:
+        return self.task_cpus if self.task_cpus is not None else self.cpus_per_worker
+
+    @property
+    def task_gpu(self) -> float:
+        if self.task_gpus is not None:
+            return self.task_gpus
+        return self.gpus_per_worker if self.use_gpu else 0.0
+
+    def trial_peak(self) -> tuple[float, float]:
+        """(CPUs, GPUs) one trial holds at its busiest: its driver plus its workers or its task."""
+        cpu = self.driver_cpus + max(self.workers_per_trial * self.cpus_per_worker, self.task_cpu)
+        gpu = max(self.workers_per_trial * self.gpus_per_worker if self.use_gpu else 0.0, self.task_gpu)
+        return cpu, gpu
+
+
+class Selection(BaseModel):
+    """How the ratio to ship is chosen. ``metric`` is ``NAME:DATASET`` (``ppl:wikitext2``, ``acc:piqa``) or
+    ``zeroshot_mean``; perplexity and latency are lower-better, accuracies higher-better."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["max_ratio_within", "best_under_budget", "pareto"] = "max_ratio_within"
+    metric: str = "ppl:wikitext2"
+    tolerance_pct: float = Field(50.0, ge=0)  # max_ratio_within: metric within this % of the dense baseline
+    max_params: int | None = Field(None, ge=1)  # best_under_budget: parameter budget
+    max_latency_s: float | None = Field(None, gt=0)  # best_under_budget: batch-1 latency budget (needs speed)
+
+    @model_validator(mode="after")
+    def _budget(self) -> Selection:
+        if self.policy == "best_under_budget" and self.max_params is None and self.max_latency_s is None:
+            raise ValueError("best_under_budget needs max_params or max_latency_s")
+        return self
+
+
+class SweepConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    model: str  # hub id, HF folder, .gguf, or smollm2
+    gguf_file: str | None = None
+    criteria: list[str] = Field(default_factory=lambda: ["ppl"])
+    ratios: list[float] | None = None  # fractions of parameters to remove (rounded down to whole blocks)
+    blocks: list[int] | None = None  # or block counts
+    methods: list[SweepMethod] = Field(default_factory=lambda: ["cpt"])
+    search: Literal["grid", "bisect"] = "grid"
+    keep_first: int = Field(4, ge=0)
+    keep_last: int = Field(2, ge=0)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    train: TrainConfig  # ``method`` is set per trial
+    eval: EvalConfig = Field(default_factory=lambda: EvalConfig(ppl=["wikitext2"]))
+    resources: Resources = Field(default_factory=Resources)
+    selection: Selection = Field(default_factory=Selection)
+    storage_path: str = "runs"  # the experiment folder is storage_path/name (shared storage on a cluster)
+    store_url: str | None = None  # default: sqlite:///<experiment folder>/results.db
+    device: str = "auto"  # for the prune/evaluate tasks
+    dtype: str = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"{v!r} must be letters, digits, '_', '-', '.' (it names a folder)")
+        return v
+
+    @field_validator("criteria")
+    @classmethod
+    def _criteria(cls, v: list[str]) -> list[str]:
+        unknown = [c for c in v if c not in CRITERIA]
+        if unknown or not v:
+            raise ValueError(f"unknown criteria {unknown}; choose from {', '.join(CRITERIA)}")
+        return list(dict.fromkeys(v))
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            bad = [r for r in v if not 0 < r < 1]
+            if bad or not v:
+                raise ValueError(f"ratios must be in (0, 1), got {bad or v}")
+            return sorted(set(v))
+        return v
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if not v or min(v) < 1:
+                raise ValueError(f"block counts must be >= 1, got {v}")
+            return sorted(set(v))
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one method (none, lora, cpt, cpt+lora, distill)")
+        return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _shape(self) -> SweepConfig:
+        if self.search == "grid" and (self.ratios is None) == (self.blocks is None):
+            raise ValueError("a grid sweep needs exactly one of ratios or blocks")
+        if self.search == "bisect":
+            if len(self.criteria) != 1 or len(self.methods) != 1:
+                raise ValueError("search: bisect searches one criterion and one method; got "
+                                 f"criteria {self.criteria}, methods {self.methods}")
+            if self.selection.policy != "max_ratio_within":
+                raise ValueError("search: bisect finds the largest block count for selection.policy "
+                                 "max_ratio_within")
+        metric_name = self.selection.metric.split(":")[0]
+        if metric_name == "ppl":
+            dataset = self.selection.metric.partition(":")[2]
+            if dataset not in self.eval.ppl:
+                raise ValueError(f"selection.metric {self.selection.metric!r} needs {dataset!r} in eval.ppl "
+                                 f"(has {self.eval.ppl})")
+        elif metric_name in ("zeroshot_mean", "acc", "acc_norm") and not self.eval.tasks:
+            raise ValueError(f"selection.metric {self.selection.metric!r} needs eval.tasks")
+        if self.selection.max_latency_s is not None and not self.eval.speed:
+            raise ValueError("selection.max_latency_s needs eval.speed: true")
+        return self
+
+    def experiment_dir(self) -> Path:
+        return Path(self.storage_path).expanduser().resolve() / self.name
+
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"sqlite:///{self.experiment_dir() / 'results.db'}"
+
+
+def load_sweep_config(path: str | Path, overrides: dict | None = None) -> SweepConfig:
+    """Read and validate a sweep YAML; any problem is a ShortenedError naming the file and the field."""
+    import yaml
+
+    from shortened.errors import ShortenedError, validated
+
+    path = Path(path)
+    try:
+        fields = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ShortenedError(f"sweep config {path}: {exc}") from exc
+    if not isinstance(fields, dict):
+        raise ShortenedError(f"sweep config {path}: expected a mapping of sweep fields, got {type(fields).__name__}")
+    fields.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return validated(SweepConfig, fields, f"sweep config {path}: field")

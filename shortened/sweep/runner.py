@@ -1,0 +1,389 @@
+"""The Ray layer of a sweep: shared block scores, one Tune trial per spec (or a bisection), the store callback,
+the speed pass and the selection. Trials run :func:`shortened.sweep.trial.run_trial`; everything heavy is a Ray
+task or a nested Ray Train run with the resources the config gives it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray import tune
+
+from shortened.errors import ShortenedError
+from shortened.io import write_json_atomic
+from shortened.sweep.config import SweepConfig
+from shortened.sweep.selection import Choice, lower_is_better, metric_value, select, within
+from shortened.sweep.store import ResultsStore
+from shortened.sweep.trial import (DENSE, RESULT_JSON, TrialSpec, compute_scores, grid_specs, run_trial, scores_path,
+                                   speed_stage, trial_dir)
+
+log = logging.getLogger(__name__)
+SWEEP_JSON = "sweep.json"
+SELECTION_JSON = "selection.json"
+# the parts of a config a resumed sweep may change (where and how fast it runs, how it selects)
+RESUMABLE_CHANGES = {"resources", "selection", "store_url"}
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    experiment_dir: Path
+    store_url: str
+    trials: list[dict]
+    choice: Choice
+    seconds: float
+    ran: list[str]  # keys of the trials this invocation ran (not reused)
+
+
+# -- checks before anything starts ---------------------------------------------------------------------------------
+
+def preflight(cfg: SweepConfig) -> None:
+    """Fail in seconds on what would otherwise fail inside a trial: the model, data, eval sets, resources."""
+    from shortened.data import DocumentStream
+    from shortened.evaluation.perplexity import PPL_DATASETS
+    from shortened.evaluation.zeroshot import TASKS
+    from shortened.models import resolve_source
+    from shortened.paths import shared_data_dir
+
+    resolve_source(cfg.model, cfg.gguf_file)
+    if any(m != "none" for m in cfg.methods):
+        try:
+            DocumentStream(cfg.train.data)
+        except ShortenedError as exc:
+            raise ShortenedError(f"train.data: {exc}") from exc
+    if any(c != "magnitude" for c in cfg.criteria):
+        try:
+            DocumentStream(cfg.calibration.data_config())
+        except ShortenedError as exc:
+            raise ShortenedError(f"calibration: {exc}") from exc
+    data = shared_data_dir()
+    local = [(f"eval.ppl {d}", PPL_DATASETS[d].local) for d in cfg.eval.ppl if cfg.eval.ppl_source == "local"]
+    local += [(f"eval.tasks {t}", TASKS[t].local) for t in cfg.eval.tasks if cfg.eval.tasks_source == "local"]
+    for what, rel in local:
+        if data is None or not (data / rel).exists():
+            raise ShortenedError(f"{what}: local file {rel} not found under {data or '../shared/data'} "
+                                 "(set SHORTENED_DATA_DIR, or use the hub source)")
+
+
+def concurrency(cfg: SweepConfig, cluster: dict) -> int:
+    """How many trials run at once: the config's, else as many trial peaks as the cluster's CPUs/GPUs fit."""
+    cpu, gpu = cfg.resources.trial_peak()
+    have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if cpu > have_cpu + 1e-9 or gpu > have_gpu + 1e-9:
+        raise ShortenedError(f"one trial needs {cpu:g} CPUs and {gpu:g} GPUs at its peak (resources: driver + "
+                             f"workers_per_trial × per-worker); the Ray cluster has {have_cpu:g} CPUs and "
+                             f"{have_gpu:g} GPUs")
+    fit = math.floor(have_cpu / cpu + 1e-9)
+    if gpu > 0:
+        fit = min(fit, math.floor(have_gpu / gpu + 1e-9))
+    if cfg.resources.max_concurrent_trials:
+        return cfg.resources.max_concurrent_trials
+    return max(1, fit)
+
+
+def _config_diff(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+
+
+def check_experiment(cfg: SweepConfig, resume: bool) -> None:
+    """From the experiment folder alone, before Ray starts: a new sweep must not reuse a name; a resumed one must
+    exist and keep everything its results depend on."""
+    saved = cfg.experiment_dir() / SWEEP_JSON
+    if not resume and saved.exists():
+        raise ShortenedError(f"experiment {cfg.name!r} already exists ({saved}); use --resume to continue it, or "
+                             "choose another name")
+    if resume:
+        if not saved.exists():
+            raise ShortenedError(f"--resume: no experiment {cfg.name!r} at {cfg.experiment_dir()} (no {SWEEP_JSON})")
+        diff = _config_diff(json.loads(saved.read_text()), cfg.model_dump(mode="json"))
+        if diff:
+            raise ShortenedError(f"--resume: the config of {cfg.name!r} changed in {', '.join(diff)}; only "
+                                 f"{', '.join(sorted(RESUMABLE_CHANGES))} may change on resume")
+
+
+def register_experiment(cfg: SweepConfig, store: ResultsStore, resume: bool) -> None:
+    """Write sweep.json and the experiments row (a new name must be new to the store too, e.g. a shared Postgres)."""
+    if not resume and cfg.name in store.experiment_names():
+        raise ShortenedError(f"experiment {cfg.name!r} already exists in {store.url}; use --resume, or choose "
+                             "another name")
+    cfg.experiment_dir().mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cfg.experiment_dir() / SWEEP_JSON, cfg.model_dump(mode="json"))
+    store.ensure_experiment(cfg.name, cfg.model_dump(mode="json"), str(cfg.experiment_dir()))
+
+
+def recover_finished(cfg: SweepConfig, store: ResultsStore) -> None:
+    """Record trials that finished (result.json written) while no driver was there to store them."""
+    recorded = {t["key"] for t in store.trials(cfg.name) if t["status"] == "completed"}
+    for path in sorted((cfg.experiment_dir() / "trials").glob(f"*/{RESULT_JSON}")):
+        out = json.loads(path.read_text())
+        if out["row"]["key"] not in recorded:
+            store.upsert_trial(cfg.name, out["row"]["key"], out["row"], out["metrics"], replace_metrics=True)
+
+
+# -- Ray pieces ------------------------------------------------------------------------------------------------------
+
+class RayTasks:
+    """``run_task`` for trials: each stage is a Ray task with the trial's task resources."""
+
+    def __init__(self, cfg: SweepConfig):
+        self.cpus, self.gpus = cfg.resources.task_cpu, cfg.resources.task_gpu
+
+    def __call__(self, fn, *args):
+        import ray
+
+        return ray.get(_task(fn, self.cpus, self.gpus).remote(*args))
+
+
+def _task(fn, cpus: float, gpus: float):
+    """``fn`` as a Ray task with its own resources, outside the calling trial's placement group (Tune captures
+    child tasks into the trial's group, which holds only the driver's share)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus, max_retries=0,
+                                  scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))
+
+
+def _trainable(config: dict, sweep: dict, worker_env: dict | None = None) -> None:
+    """The Tune function trainable: one trial, one final report carrying the whole result."""
+    cfg, spec = SweepConfig.model_validate(sweep), TrialSpec.model_validate(config["spec"])
+    out = run_trial(cfg, spec, RayTasks(cfg), worker_env)
+    scalars = {f"{m['name']}/{m['dataset']}": m["value"] for m in out["metrics"]
+               if m["name"] in ("ppl", "zeroshot_mean")}
+    tune.report({"key": spec.key, "result_json": json.dumps(out), **scalars})
+
+
+class StoreCallback(tune.Callback):
+    """Writes each trial to the store as its state changes, on the driver only. Holds the store's URL, not its
+    engine, so Tune can pickle it into the experiment state."""
+
+    def __init__(self, store_url: str, experiment: str):
+        self.store_url, self.experiment = store_url, experiment
+        self._store: ResultsStore | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_store": None}
+
+    @property
+    def store(self) -> ResultsStore:
+        if self._store is None:
+            self._store = ResultsStore(self.store_url)
+        return self._store
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        spec = TrialSpec.model_validate(trial.config["spec"])
+        self.store.upsert_trial(self.experiment, spec.key, {
+            "method": spec.method, "criterion": spec.criterion, "ratio": spec.ratio, "blocks_requested": spec.blocks,
+            "status": "running", "tune_trial_id": trial.trial_id, "error": None})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "result_json" in result:
+            out = json.loads(result["result_json"])
+            self.store.upsert_trial(self.experiment, out["row"]["key"],
+                                    {**out["row"], "tune_trial_id": trial.trial_id}, out["metrics"],
+                                    replace_metrics=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        spec = TrialSpec.model_validate(trial.config["spec"])
+        err = ""
+        if getattr(trial, "error_file", None) and Path(trial.error_file).is_file():
+            err = Path(trial.error_file).read_text()[-4000:]
+        self.store.upsert_trial(self.experiment, spec.key, {"method": spec.method, "status": "error", "error": err})
+
+
+class BisectSearcher:
+    """Factory for a Tune searcher that bisects the block count: the largest count whose metric stays within
+    tolerance of the dense baseline, in about log2(removable blocks) trials (the metric is taken as monotone in
+    the count). Counts already completed in the store are reused without a trial."""
+
+    @staticmethod
+    def create(cfg: SweepConfig, max_blocks: int, baseline: float, known: dict[int, float]):
+        from ray.tune.search import Searcher
+
+        sel = cfg.selection
+        lower = lower_is_better(sel.metric)
+
+        class _Bisect(Searcher):
+            def __init__(self):
+                super().__init__(metric=None, mode=None)
+                self.lo, self.hi = 0, max_blocks + 1  # lo meets the tolerance (0 blocks: dense); hi is assumed not to
+                self.pending: dict[str, int] = {}
+                self.path: list[tuple[int, float, bool]] = []
+
+            def _absorb_known(self) -> None:
+                while self.hi - self.lo > 1:
+                    mid = (self.lo + self.hi) // 2
+                    if mid not in known:
+                        return
+                    self._update(mid, known[mid])
+
+            def _update(self, n: int, value: float) -> None:
+                ok = within(value, baseline, sel.tolerance_pct, lower)
+                self.path.append((n, value, ok))
+                if ok:
+                    self.lo = max(self.lo, n)
+                else:
+                    self.hi = min(self.hi, n)
+
+            def suggest(self, trial_id: str):
+                self._absorb_known()
+                if self.hi - self.lo <= 1:
+                    return Searcher.FINISHED
+                if self.pending:
+                    return None  # one probe at a time
+                mid = (self.lo + self.hi) // 2
+                self.pending[trial_id] = mid
+                spec = TrialSpec(method=cfg.methods[0], criterion=cfg.criteria[0], blocks=mid)
+                return {"spec": spec.model_dump()}
+
+            def on_trial_result(self, trial_id: str, result: dict) -> None:
+                if trial_id in self.pending and "result_json" in result:
+                    out = json.loads(result["result_json"])
+                    value = metric_value({"metrics": out["metrics"]}, sel.metric)
+                    self._update(self.pending.pop(trial_id), value)
+
+            def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+                if trial_id in self.pending:  # an errored probe: treat the count as failing the tolerance
+                    self.hi = min(self.hi, self.pending.pop(trial_id))
+
+        return _Bisect()
+
+
+def _tune(cfg: SweepConfig, store: ResultsStore, trainable, run_name: str, n_concurrent: int, *,
+          specs: list[TrialSpec] | None = None, searcher=None, num_samples: int = 1) -> None:
+    if specs is not None and not specs:
+        return
+    param_space = {"spec": tune.grid_search([s.model_dump() for s in specs])} if specs is not None else {}
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"CPU": cfg.resources.driver_cpus}),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=n_concurrent, search_alg=searcher,
+                                    num_samples=num_samples),
+        run_config=tune.RunConfig(name=run_name, storage_path=str(cfg.experiment_dir() / "tune"),
+                                  callbacks=[StoreCallback(store.url, cfg.name)], verbose=1),
+    )
+    grid = tuner.fit()
+    errors = [r for r in grid if r.error]
+    if errors:
+        raise ShortenedError(f"{len(errors)} trial(s) failed; first: {errors[0].error!r} (details in the store: "
+                             f"shortened results {cfg.experiment_dir()})")
+
+
+def _ensure_scores(cfg: SweepConfig, n_remove_max: int) -> None:
+    """Block scores once per (model, criterion), in parallel Ray tasks; a resumed sweep reuses the files."""
+    import ray
+
+    todo = [c for c in cfg.criteria if not scores_path(cfg.experiment_dir(), c).is_file()]
+    r = cfg.resources
+    fn = _task(compute_scores, r.task_cpu, r.task_gpu)
+    refs = [fn.remote(cfg.model_dump(mode="json"), c, n_remove_max, str(scores_path(cfg.experiment_dir(), c)))
+            for c in todo]
+    if refs:
+        log.warning("scoring blocks with %s", ", ".join(todo))
+        ray.get(refs)
+
+
+def _max_blocks(cfg: SweepConfig) -> tuple[int, int]:
+    """(blocks the grid removes at most, blocks the keep rule allows) — from the config alone, no weights."""
+    from transformers import AutoConfig
+
+    from shortened.blocks import num_layers
+    from shortened.models import resolve_source
+    from shortened.pruning import allowed_blocks
+
+    src = resolve_source(cfg.model, cfg.gguf_file)
+    n_layers = num_layers(AutoConfig.from_pretrained(src.path, **src.from_pretrained_kwargs()))
+    allowed = len(allowed_blocks(n_layers, cfg.keep_first, cfg.keep_last))
+    if cfg.search == "bisect":
+        return allowed, allowed
+    if cfg.blocks:
+        if max(cfg.blocks) > allowed:
+            raise ShortenedError(f"blocks {max(cfg.blocks)} is more than the {allowed} blocks keep_first "
+                                 f"{cfg.keep_first} / keep_last {cfg.keep_last} allow")
+        return max(cfg.blocks), allowed
+    # ratios round down to whole blocks; a ratio's count is at most ratio × blocks / (block share of params) — the
+    # exact count needs the weights, so score with every allowed block (iterative only uses it as a step count)
+    return allowed, allowed
+
+
+def _speed_pass(cfg: SweepConfig, store: ResultsStore) -> None:
+    """Speed once per distinct block count (retraining does not change it), one pruned model against the dense one,
+    alternating, with nothing else running; the rows go to every trial of that block count."""
+    import ray
+
+    from shortened.evaluation import metric_rows
+
+    trials = [t for t in store.trials(cfg.name) if t["status"] == "completed"]
+    by_blocks: dict[int, list[dict]] = {}
+    for t in trials:
+        if t["key"] != DENSE:
+            by_blocks.setdefault(t["num_blocks"], []).append(t)
+    r = cfg.resources
+    fn = _task(speed_stage, r.task_cpu, r.task_gpu)
+    for n, group in sorted(by_blocks.items()):
+        out = cfg.experiment_dir() / "speed" / f"blocks{n}.json"
+        result = ray.get(fn.remote(cfg.model_dump(mode="json"), group[0]["model_path"], str(out)))
+        rows = metric_rows(result)
+        base_rows = metric_rows({"speed": [{**s, "model": "model", "speedup_vs_baseline": 1.0}
+                                           for s in result["speed"] if s["model"] == "baseline"]})
+        for t in group:
+            store.upsert_trial(cfg.name, t["key"], {"method": t["method"]}, rows)
+        if any(t["key"] == DENSE for t in trials):
+            store.upsert_trial(cfg.name, DENSE, {"method": DENSE}, base_rows)
+
+
+# -- the sweep -------------------------------------------------------------------------------------------------------
+
+def run_sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = None,
+              worker_env: dict[str, str] | None = None) -> SweepOutcome:
+    """Run (or resume) a sweep to the end: scores, trials, speed, selection. Returns what the store holds."""
+    import ray
+
+    start = time.perf_counter()
+    cfg = cfg.model_copy(update={"storage_path": str(Path(cfg.storage_path).expanduser().resolve())})
+    preflight(cfg)
+    n_remove_max, _ = _max_blocks(cfg)
+    check_experiment(cfg, resume)
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    try:
+        n_concurrent = concurrency(cfg, ray.cluster_resources())
+        store = ResultsStore(cfg.resolved_store_url())
+        register_experiment(cfg, store, resume)
+        recover_finished(cfg, store)
+        os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials resolve relative paths like the driver does
+        before = {t["key"] for t in store.trials(cfg.name) if t["status"] == "completed"}
+        log.warning("sweep %s: %d trial(s) at a time, experiment folder %s", cfg.name, n_concurrent,
+                    cfg.experiment_dir())
+        _ensure_scores(cfg, n_remove_max)
+        trainable = tune.with_parameters(_trainable, sweep=cfg.model_dump(mode="json"), worker_env=worker_env)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if cfg.search == "grid":
+            pending = [s for s in grid_specs(cfg) if s.key not in before]
+            _tune(cfg, store, trainable, f"grid-{stamp}", n_concurrent, specs=pending)
+        else:
+            if DENSE not in before:
+                _tune(cfg, store, trainable, f"dense-{stamp}", 1, specs=[TrialSpec(method=DENSE)])
+            trials = store.trials(cfg.name)
+            baseline = metric_value(next(t for t in trials if t["key"] == DENSE), cfg.selection.metric)
+            known = {t["blocks_requested"]: metric_value(t, cfg.selection.metric) for t in trials
+                     if t["status"] == "completed" and t["key"] != DENSE and t["blocks_requested"] is not None}
+            searcher = BisectSearcher.create(cfg, n_remove_max, baseline, known)
+            _tune(cfg, store, trainable, f"bisect-{stamp}", 1, searcher=searcher, num_samples=n_remove_max + 1)
+        if cfg.eval.speed:
+            _speed_pass(cfg, store)
+        trials = store.trials(cfg.name)
+        choice = select(trials, cfg.selection)
+        write_json_atomic(cfg.experiment_dir() / SELECTION_JSON, choice.to_json())
+        store.set_experiment(cfg.name, status="completed", selected_trial=choice.chosen and choice.chosen["key"])
+        ran = sorted({t["key"] for t in trials if t["status"] == "completed"} - before)
+        return SweepOutcome(cfg.name, cfg.experiment_dir(), store.url, trials, choice, time.perf_counter() - start, ran)
+    finally:
+        if started_ray:
+            ray.shutdown()

@@ -1,0 +1,297 @@
+"""The sweep: config validation, selection policies, the store's idempotent writes, and full sweeps on a tiny model
+on local Ray — a grid interrupted by killing its driver and resumed, and a bisection checked against a grid."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shortened.cli import main
+from shortened.errors import ShortenedError
+from shortened.sweep import Selection, SweepConfig, load_sweep_config
+from shortened.sweep.selection import pareto_front, select
+from shortened.sweep.store import ResultsStore
+from shortened.sweep.trial import grid_specs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_sweep(model_dir: Path, storage: Path, **kw) -> dict:
+    """A sweep a 2-core machine runs in ~2 minutes: 8-block tiny Llama, 64-token sequences, quick evals."""
+    cfg = dict(name="tiny", model=str(model_dir), criteria=["ppl"], blocks=[2, 4], methods=["lora", "cpt"],
+               keep_first=1, keep_last=1, calibration={"n_samples": 4, "seq_len": 64},
+               train={"train_tokens": 512, "micro_batch_size": 2, "lr": 3e-3, "zero_stage": 0,
+                      "report_every_steps": 2, "data": {"seq_len": 64}},
+               eval={"ppl": ["wikitext2"], "ppl_max_windows": 8, "tasks": ["piqa"], "limit": 8, "speed": True,
+                     "speed_new_tokens": [8], "speed_repeats": 1},
+               resources={"workers_per_trial": 1, "cpus_per_worker": 0.95},
+               selection={"tolerance_pct": 5}, storage_path=str(storage))
+    cfg.update(kw)
+    return cfg
+
+
+def write_yaml(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# -- config -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, field", [
+    ({"criteria": ["ppl", "nope"]}, "criteria"),
+    ({"ratios": [0.2, 1.5], "blocks": None}, "ratios"),
+    ({"methods": ["cpt", "sgd"]}, "methods.1"),
+    ({"train": {"train_tokens": 0}}, "train.train_tokens"),
+    ({"resources": {"workers_per_trial": 0}}, "resources.workers_per_trial"),
+    ({"name": "a/b"}, "name"),
+    ({"selection": {"metric": "ppl:ptb"}}, "selection.metric"),
+    ({"search": "bisect"}, "search: bisect searches one criterion and one method"),
+    ({"colour": "blue"}, "colour"),
+])
+def test_bad_config_names_the_field_and_creates_nothing(tmp_path, change, field):
+    cfg = {**tiny_sweep(tmp_path / "model", tmp_path / "runs"), **change}
+    path = write_yaml(tmp_path / "bad.yaml", cfg)
+    with pytest.raises(ShortenedError) as err:
+        load_sweep_config(path)
+    assert str(path) in str(err.value) and field in str(err.value), str(err.value)
+    assert main(["sweep", str(path)]) == 2
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_inputs_fail_before_ray_starts(tmp_path, tiny_llama_dir):
+    import ray
+
+    base = tiny_sweep(tiny_llama_dir, tmp_path / "runs")
+    cases = [({"model": str(tmp_path / "missing")}, "missing"),
+             ({"train": {**base["train"], "data": {"source": str(tmp_path / "no-shards")}}}, "train.data"),
+             ({"blocks": [2, 7]}, "blocks 7 is more than the 6 blocks")]
+    for change, message in cases:
+        path = write_yaml(tmp_path / "c.yaml", {**base, **change})
+        with pytest.raises(ShortenedError, match=message):
+            from shortened.sweep.runner import run_sweep
+
+            run_sweep(load_sweep_config(path))
+        assert not ray.is_initialized() and not (tmp_path / "runs").exists()
+
+
+def test_grid_specs_and_concurrency(tmp_path):
+    from shortened.sweep.runner import concurrency
+
+    cfg = SweepConfig.model_validate(tiny_sweep(tmp_path, tmp_path, criteria=["ppl", "taylor"], blocks=None,
+                                                ratios=[0.35, 0.2, 0.2]))
+    keys = [s.key for s in grid_specs(cfg)]
+    assert keys == ["dense", "ppl-r0.2-lora", "ppl-r0.2-cpt", "ppl-r0.35-lora", "ppl-r0.35-cpt",
+                    "taylor-r0.2-lora", "taylor-r0.2-cpt", "taylor-r0.35-lora", "taylor-r0.35-cpt"]
+    assert concurrency(cfg, {"CPU": 2.0}) == 2  # (0.05 + 0.95) × 2
+    assert concurrency(cfg, {"CPU": 16.0}) == 16
+    gpu = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={
+        "use_gpu": True, "workers_per_trial": 4, "cpus_per_worker": 2})})
+    assert concurrency(gpu, {"CPU": 64.0, "GPU": 8.0}) == 2  # GPUs bound it: 4 per trial
+    with pytest.raises(ShortenedError, match="one trial needs 8.05 CPUs and 4 GPUs"):
+        concurrency(gpu, {"CPU": 64.0, "GPU": 2.0})
+
+
+# -- selection ------------------------------------------------------------------------------------------------------
+
+def trial(key, ratio, ppl, acc=None, params=100, status="completed", latency=None):
+    metrics = [{"name": "ppl", "dataset": "wikitext2", "value": ppl, "protocol": "paper-128"}]
+    if acc is not None:
+        metrics.append({"name": "zeroshot_mean", "dataset": "all", "value": acc, "protocol": "lm-eval"})
+    if latency is not None:
+        metrics.append({"name": "latency_s", "dataset": "gen-b1-n128", "value": latency, "protocol": "greedy"})
+    return {"key": key, "ratio_actual": ratio, "status": status, "params": params, "method": "cpt",
+            "criterion": "ppl", "removed_blocks": [], "model_path": f"/m/{key}", "metrics": metrics}
+
+
+TRIALS = [trial("dense", 0.0, 10.0, 0.60, params=100, latency=1.0),
+          trial("a", 0.20, 11.0, 0.58, params=80, latency=0.8),
+          trial("b", 0.20, 12.0, 0.59, params=80, latency=0.8),
+          trial("c", 0.35, 14.0, 0.50, params=65, latency=0.65),
+          trial("d", 0.50, 30.0, 0.40, params=50, latency=0.5),
+          trial("e", 0.60, 9.0, None, params=40, status="error")]
+
+
+def test_max_ratio_within_picks_the_largest_ratio_inside_the_tolerance():
+    c = select(TRIALS, Selection(metric="ppl:wikitext2", tolerance_pct=40))
+    assert c.chosen["key"] == "c" and c.baseline == 10.0  # 14 ≤ 10 × 1.4; d (30) is out; e errored
+    assert [x["ok"] for x in c.candidates] == [True, True, True, False]
+    c = select(TRIALS, Selection(metric="ppl:wikitext2", tolerance_pct=15))
+    assert c.chosen["key"] == "a"  # a and b tie on ratio; a has the better perplexity
+    c = select(TRIALS, Selection(metric="zeroshot_mean", tolerance_pct=5))  # accuracy: may fall by 5%
+    assert c.chosen["key"] == "b"  # 0.59 and 0.58 ≥ 0.57; the tie on ratio goes to the higher accuracy
+    none = select(TRIALS, Selection(metric="ppl:wikitext2", tolerance_pct=1))
+    assert none.chosen is None and "within 1%" in none.reason
+
+
+def test_best_under_budget_and_pareto():
+    c = select(TRIALS, Selection(policy="best_under_budget", metric="zeroshot_mean", max_params=70))
+    assert c.chosen["key"] == "c"
+    c = select(TRIALS, Selection(policy="best_under_budget", metric="ppl:wikitext2", max_latency_s=0.85))
+    assert c.chosen["key"] == "a"
+    assert select(TRIALS, Selection(policy="best_under_budget", max_params=10)).chosen is None
+    assert pareto_front([("x", 0.1, 5.0), ("y", 0.2, 4.0), ("z", 0.2, 6.0), ("w", 0.3, 7.0)], lower=True) == \
+        ["y", "w"]
+    c = select(TRIALS, Selection(policy="pareto", metric="ppl:wikitext2"))
+    assert c.frontier == ["dense", "a", "c", "d"] and c.chosen["key"] == "c"  # the knee
+
+
+# -- store ----------------------------------------------------------------------------------------------------------
+
+def test_store_upserts_are_idempotent(tmp_path):
+    store = ResultsStore(f"sqlite:///{tmp_path / 'sub' / 'r.db'}")
+    store.ensure_experiment("e", {"a": 1}, str(tmp_path))
+    rows = [{"name": "ppl", "dataset": "wikitext2", "value": 12.5, "protocol": "paper-128"},
+            {"name": "acc", "dataset": "piqa", "value": 0.6, "protocol": "lm-eval"}]
+    for _ in range(3):
+        store.upsert_trial("e", "ppl-r0.2-cpt", {"method": "cpt", "status": "completed", "ratio": 0.2}, rows,
+                           replace_metrics=True)
+    store.upsert_trial("e", "ppl-r0.2-cpt", {"method": "cpt"}, [{**rows[0], "value": 11.0}])
+    assert store.counts("e") == {"trials": 1, "metrics": 2}
+    t = store.trials("e")[0]
+    assert t["ratio"] == 0.2 and t["metrics"][0]["value"] == 11.0
+    with pytest.raises(ShortenedError, match="no experiment 'other'"):
+        store.trials("other")
+    with pytest.raises(ShortenedError, match="results store"):
+        ResultsStore("nosuchdialect://x")
+
+
+# -- full sweeps on local Ray -----------------------------------------------------------------------------------------
+
+def tune_results(exp_dir: Path) -> dict[str, dict]:
+    """What Tune itself recorded for each finished trial (its result.json files), by trial key."""
+    out = {}
+    for f in exp_dir.glob("tune/*/*/result.json"):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            if "result_json" in r:
+                out[r["key"]] = json.loads(r["result_json"])
+    return out
+
+
+def run_cli(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "shortened.cli", *args], cwd=REPO, start_new_session=True,
+                            env={**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_grid_sweep_killed_driver_resumes_without_duplicates(tmp_path, tiny_llama_dir):
+    cfg_path = write_yaml(tmp_path / "tiny.yaml", tiny_sweep(tiny_llama_dir, tmp_path / "runs"))
+    exp = tmp_path / "runs" / "tiny"
+    # 1. start the sweep and kill its driver (and the local Ray it started) once the first trial has finished
+    proc = run_cli(["sweep", str(cfg_path)])
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(exp.glob("trials/*/result.json")):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in exp.glob("trials/*/result.json")}
+    assert finished and len(finished) < 5
+    # 2. a plain re-run refuses the existing name; --resume finishes it
+    again = run_cli(["sweep", str(cfg_path)])
+    assert again.wait(120) == 2 and "already exists" in again.stdout.read()
+    resumed = run_cli(["sweep", str(cfg_path), "--resume"])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "selected: " in out
+    # finished trials were not run again
+    assert {k: (exp / "trials" / k / "result.json").stat().st_mtime_ns for k in finished} == finished
+    store = ResultsStore(f"sqlite:///{exp / 'results.db'}")
+    trials = {t["key"]: t for t in store.trials("tiny")}
+    assert sorted(trials) == sorted(["dense", "ppl-b2-lora", "ppl-b2-cpt", "ppl-b4-lora", "ppl-b4-cpt"])
+    assert all(t["status"] == "completed" for t in trials.values())
+    # the store's rows are Tune's results (speed rows are added after the trials)
+    tuned = tune_results(exp)
+    for key, t in trials.items():
+        rec = json.loads((exp / "trials" / key / "result.json").read_text())
+        if key in tuned:
+            assert tuned[key] == rec
+        stored = {(m["name"], m["dataset"]): m["value"] for m in t["metrics"]
+                  if not m["dataset"].startswith("gen-")}
+        assert stored == {(m["name"], m["dataset"]): m["value"] for m in rec["metrics"]}
+        assert t["num_blocks"] == 8 - (t["blocks_requested"] or 0) and t["model_path"]
+        if key != "dense":
+            assert t["tokens_trained"] == 512 and len(t["removed_blocks"]) == t["blocks_requested"]
+            assert {m["dataset"] for m in t["metrics"] if m["name"] == "speedup_vs_baseline"} == {"gen-b1-n8"}
+    # the selection is the policy's answer, computed here independently
+    base = next(m["value"] for m in trials["dense"]["metrics"] if m["name"] == "ppl")
+    ok = [(t["ratio_actual"], -next(m["value"] for m in t["metrics"] if m["name"] == "ppl"), k)
+          for k, t in trials.items() if k != "dense"
+          and next(m["value"] for m in t["metrics"] if m["name"] == "ppl") <= base * 1.05]
+    expected = max(ok)[2] if ok else None
+    selection = json.loads((exp / "selection.json").read_text())
+    assert (selection["chosen"] or {}).get("key") == expected
+    assert store.experiment("tiny")["selected_trial"] == expected
+    # a second resume runs nothing and adds no rows
+    counts = store.counts("tiny")
+    assert main(["sweep", str(cfg_path), "--resume"]) == 0
+    assert store.counts("tiny") == counts
+    # results, select and report read it back
+    assert main(["results", str(exp), "--format", "json"]) == 0
+    assert main(["select", str(exp), "--policy", "pareto"]) == 0
+    assert main(["report", str(exp)]) == 0 and main(["report", str(exp), "--format", "html"]) == 0
+    report = (exp / "report" / "report.md").read_text()
+    for png in ("ppl_wikitext2.png", "zeroshot_mean.png", "speedup_gen-b1-n8.png", "pareto.png"):
+        assert f"]({png})" in report and (exp / "report" / png).read_bytes()[:4] == b"\x89PNG"
+    assert "<table" in (exp / "report" / "report.html").read_text()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    ray.init(num_cpus=2, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def short_smollm2(tmp_path_factory, smollm2_hf_dir) -> Path:
+    """SmolLM2 cut to 10 of its 30 blocks: a real language model small enough that a grid over every block count
+    runs in a minute, and where removing blocks raises perplexity."""
+    from shortened.blocks import remove_blocks
+    from shortened.models import load_model, load_tokenizer
+
+    out = tmp_path_factory.mktemp("smollm2-10")
+    model = load_model(str(smollm2_hf_dir), device="cpu", dtype="float32")
+    keep = {0, 1, 2, 3, 10, 15, 20, 25, 28, 29}
+    remove_blocks(model, [i for i in range(30) if i not in keep])
+    model.save_pretrained(out)
+    load_tokenizer(str(smollm2_hf_dir)).save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_bisect_finds_the_boundary_of_the_grid_in_log2_trials(tmp_path, short_smollm2, local_ray):
+    from shortened.sweep.runner import run_sweep
+
+    common = dict(methods=["none"], eval={"ppl": ["wikitext2"], "ppl_max_windows": 8})
+    grid = run_sweep(SweepConfig.model_validate(tiny_sweep(short_smollm2, tmp_path, name="grid",
+                                                           blocks=list(range(1, 9)), **common)))
+    ppl = {t["blocks_requested"] or 0: t["metrics"][0]["value"] for t in grid.trials}
+    # a tolerance between two measured values, so the answer is a real boundary
+    ordered = sorted(v for n, v in ppl.items() if n)
+    tol = (ordered[len(ordered) // 2] / ppl[0] - 1) * 100 + 1e-6
+    assert tol > 0, ppl
+    cfg = tiny_sweep(short_smollm2, tmp_path, name="bisect", blocks=None, search="bisect", **common,
+                     selection={"tolerance_pct": tol})
+    out = run_sweep(SweepConfig.model_validate(cfg))
+    probes = [t for t in out.trials if t["key"] != "dense"]
+    assert 1 <= len(probes) <= 4  # ceil(log2(8 + 1))
+    n = out.choice.chosen["blocks_requested"] if out.choice.chosen else 0
+    limit = ppl[0] * (1 + tol / 100)
+    assert ppl[n] <= limit  # the answer meets the tolerance ...
+    assert n == 8 or ppl[n + 1] > limit  # ... and one more block does not
+    assert n + 1 in {t["blocks_requested"] for t in probes} | {9}  # which the search itself measured
+    assert {t["blocks_requested"]: t["metrics"][0]["value"] for t in probes} == \
+        {t["blocks_requested"]: ppl[t["blocks_requested"]] for t in probes}
