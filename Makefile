@@ -26,14 +26,18 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# the demo sweep on local Ray; a second `make demo` resumes it (finished trials are kept) and prints the same table
 demo: venv
-	$(BIN)/python jobs/demo_prune.py
+	if [ -f runs/demo/sweep.json ]; then $(BIN)/shortened sweep jobs/configs/demo.yaml --resume; \
+	else $(BIN)/shortened sweep jobs/configs/demo.yaml; fi
+	$(BIN)/shortened report runs/demo
 
 bench: venv
 	$(BIN)/python benchmarks/ppl_cached_vs_naive.py
 	$(BIN)/python benchmarks/data_packing.py
 	$(BIN)/python benchmarks/eval_speed.py
 	$(BIN)/python benchmarks/retrain.py
+	$(BIN)/python benchmarks/sweep.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache benchmarks/results

@@ -20,3 +20,14 @@ def pruned_smollm2(dense_dir: str) -> str:
     scores = score_blocks(model, "ppl", calibration_windows(tok, CalibrationConfig()), batch_size=10)
     save_pruned(prune(model, scores, blocks_for_ratio(model, 0.2), ratio_requested=0.2), out, tok, overwrite=True)
     return str(out)
+
+
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    """A Markdown table on stdout."""
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "---|" * len(headers))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")

@@ -295,3 +295,9 @@ def test_bisect_finds_the_boundary_of_the_grid_in_log2_trials(tmp_path, short_sm
     assert n + 1 in {t["blocks_requested"] for t in probes} | {9}  # which the search itself measured
     assert {t["blocks_requested"]: t["metrics"][0]["value"] for t in probes} == \
         {t["blocks_requested"]: ppl[t["blocks_requested"]] for t in probes}
+
+
+@pytest.mark.parametrize("name", ["demo", "llama3-8b", "vicuna-7b"])
+def test_shipped_configs_validate(name):
+    cfg = load_sweep_config(REPO / "jobs" / "configs" / f"{name}.yaml")
+    assert len(grid_specs(cfg)) == 1 + len(cfg.criteria) * len(cfg.ratios) * len(cfg.methods)

@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray import tune
@@ -25,6 +25,7 @@ from shortened.sweep.trial import (DENSE, RESULT_JSON, TrialSpec, compute_scores
 log = logging.getLogger(__name__)
 SWEEP_JSON = "sweep.json"
 SELECTION_JSON = "selection.json"
+TIMINGS_JSON = "timings.json"  # wall time of this invocation's phases (the sweep benchmark reads it)
 # the parts of a config a resumed sweep may change (where and how fast it runs, how it selects)
 RESUMABLE_CHANGES = {"resources", "selection", "store_url"}
 
@@ -38,6 +39,8 @@ class SweepOutcome:
     choice: Choice
     seconds: float
     ran: list[str]  # keys of the trials this invocation ran (not reused)
+    concurrency: int = 1
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds: scores, trials, speed
 
 
 # -- checks before anything starts ---------------------------------------------------------------------------------
@@ -175,8 +178,14 @@ class StoreCallback(tune.Callback):
             self._store = ResultsStore(self.store_url)
         return self._store
 
+    def _progress(self, trials, text: str) -> None:
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        print(f"[sweep {self.experiment}] {time.strftime('%H:%M:%S')} {done}/{len(trials)} done · {text}",
+              flush=True)
+
     def on_trial_start(self, iteration, trials, trial, **info):
         spec = TrialSpec.model_validate(trial.config["spec"])
+        self._progress(trials, f"started {spec.key}")
         self.store.upsert_trial(self.experiment, spec.key, {
             "method": spec.method, "criterion": spec.criterion, "ratio": spec.ratio, "blocks_requested": spec.blocks,
             "status": "running", "tune_trial_id": trial.trial_id, "error": None})
@@ -187,6 +196,9 @@ class StoreCallback(tune.Callback):
             self.store.upsert_trial(self.experiment, out["row"]["key"],
                                     {**out["row"], "tune_trial_id": trial.trial_id}, out["metrics"],
                                     replace_metrics=True)
+            shown = ", ".join(f"{m['name']} {m['dataset']} {m['value']:.4g}" for m in out["metrics"]
+                              if m["name"] in ("ppl", "zeroshot_mean"))
+            self._progress(trials, f"finished {out['row']['key']} in {out['row']['total_s'] / 60:.1f} min: {shown}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         spec = TrialSpec.model_validate(trial.config["spec"])
@@ -194,6 +206,7 @@ class StoreCallback(tune.Callback):
         if getattr(trial, "error_file", None) and Path(trial.error_file).is_file():
             err = Path(trial.error_file).read_text()[-4000:]
         self.store.upsert_trial(self.experiment, spec.key, {"method": spec.method, "status": "error", "error": err})
+        self._progress(trials, f"FAILED {spec.key}: {err.strip().splitlines()[-1] if err.strip() else 'see Tune log'}")
 
 
 class BisectSearcher:
@@ -265,7 +278,7 @@ def _tune(cfg: SweepConfig, store: ResultsStore, trainable, run_name: str, n_con
         tune_config=tune.TuneConfig(max_concurrent_trials=n_concurrent, search_alg=searcher,
                                     num_samples=num_samples),
         run_config=tune.RunConfig(name=run_name, storage_path=str(cfg.experiment_dir() / "tune"),
-                                  callbacks=[StoreCallback(store.url, cfg.name)], verbose=1),
+                                  callbacks=[StoreCallback(store.url, cfg.name)], verbose=0),
     )
     grid = tuner.fit()
     errors = [r for r in grid if r.error]
@@ -361,7 +374,11 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = N
         before = {t["key"] for t in store.trials(cfg.name) if t["status"] == "completed"}
         log.warning("sweep %s: %d trial(s) at a time, experiment folder %s", cfg.name, n_concurrent,
                     cfg.experiment_dir())
+        phases = {}
+        t = time.perf_counter()
         _ensure_scores(cfg, n_remove_max)
+        phases["scores"] = time.perf_counter() - t
+        t = time.perf_counter()
         trainable = tune.with_parameters(_trainable, sweep=cfg.model_dump(mode="json"), worker_env=worker_env)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         if cfg.search == "grid":
@@ -376,14 +393,21 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = N
                      if t["status"] == "completed" and t["key"] != DENSE and t["blocks_requested"] is not None}
             searcher = BisectSearcher.create(cfg, n_remove_max, baseline, known)
             _tune(cfg, store, trainable, f"bisect-{stamp}", 1, searcher=searcher, num_samples=n_remove_max + 1)
+        phases["trials"] = time.perf_counter() - t
+        t = time.perf_counter()
         if cfg.eval.speed:
             _speed_pass(cfg, store)
+        phases["speed"] = time.perf_counter() - t
         trials = store.trials(cfg.name)
         choice = select(trials, cfg.selection)
         write_json_atomic(cfg.experiment_dir() / SELECTION_JSON, choice.to_json())
         store.set_experiment(cfg.name, status="completed", selected_trial=choice.chosen and choice.chosen["key"])
         ran = sorted({t["key"] for t in trials if t["status"] == "completed"} - before)
-        return SweepOutcome(cfg.name, cfg.experiment_dir(), store.url, trials, choice, time.perf_counter() - start, ran)
+        write_json_atomic(cfg.experiment_dir() / TIMINGS_JSON, {
+            "resumed": resume, "concurrency": n_concurrent, "phases_s": phases, "sweep_s": time.perf_counter() - start,
+            "trials_run": ran})
+        return SweepOutcome(cfg.name, cfg.experiment_dir(), store.url, trials, choice, time.perf_counter() - start,
+                            ran, n_concurrent, phases)
     finally:
         if started_ray:
             ray.shutdown()
