@@ -19,7 +19,7 @@ from shortened.errors import ShortenedError
 from shortened.sweep import Selection, SweepConfig, load_sweep_config
 from shortened.sweep.selection import pareto_front, select
 from shortened.sweep.store import ResultsStore
-from shortened.sweep.trial import grid_specs
+from shortened.sweep.trial import grid_specs, longest_first
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,7 +72,8 @@ def test_bad_inputs_fail_before_ray_starts(tmp_path, tiny_llama_dir):
     base = tiny_sweep(tiny_llama_dir, tmp_path / "runs")
     cases = [({"model": str(tmp_path / "missing")}, "missing"),
              ({"train": {**base["train"], "data": {"source": str(tmp_path / "no-shards")}}}, "train.data"),
-             ({"blocks": [2, 7]}, "blocks 7 is more than the 6 blocks")]
+             ({"blocks": [2, 7]}, "blocks 7 removes more than the 6 blocks"),
+             ({"blocks": None, "ratios": [0.2]}, r"ratio 0.2 \(\d+ of 8 blocks\) removes more than the 6 blocks")]
     for change, message in cases:
         path = write_yaml(tmp_path / "c.yaml", {**base, **change})
         with pytest.raises(ShortenedError, match=message):
@@ -90,6 +91,8 @@ def test_grid_specs_and_concurrency(tmp_path):
     keys = [s.key for s in grid_specs(cfg)]
     assert keys == ["dense", "ppl-r0.2-lora", "ppl-r0.2-cpt", "ppl-r0.35-lora", "ppl-r0.35-cpt",
                     "taylor-r0.2-lora", "taylor-r0.2-cpt", "taylor-r0.35-lora", "taylor-r0.35-cpt"]
+    launch = [s.key for s in longest_first(grid_specs(cfg))]  # heaviest first, the dense evaluation last
+    assert launch[:2] == ["ppl-r0.2-cpt", "taylor-r0.2-cpt"] and launch[-1] == "dense"
     assert concurrency(cfg, {"CPU": 2.0}) == 2  # (0.05 + 0.95) × 2
     assert concurrency(cfg, {"CPU": 16.0}) == 16
     gpu = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={

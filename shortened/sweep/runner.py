@@ -19,8 +19,8 @@ from shortened.io import write_json_atomic
 from shortened.sweep.config import SweepConfig
 from shortened.sweep.selection import Choice, lower_is_better, metric_value, select, within
 from shortened.sweep.store import ResultsStore
-from shortened.sweep.trial import (DENSE, RESULT_JSON, TrialSpec, compute_scores, grid_specs, run_trial, scores_path,
-                                   speed_stage, trial_dir)
+from shortened.sweep.trial import (DENSE, RESULT_JSON, TrialSpec, compute_scores, grid_specs, longest_first, run_trial,
+                                   scores_path, speed_stage, trial_dir)
 
 log = logging.getLogger(__name__)
 SWEEP_JSON = "sweep.json"
@@ -165,8 +165,8 @@ class StoreCallback(tune.Callback):
     """Writes each trial to the store as its state changes, on the driver only. Holds the store's URL, not its
     engine, so Tune can pickle it into the experiment state."""
 
-    def __init__(self, store_url: str, experiment: str):
-        self.store_url, self.experiment = store_url, experiment
+    def __init__(self, store_url: str, experiment: str, total: int | None = None):
+        self.store_url, self.experiment, self.total = store_url, experiment, total
         self._store: ResultsStore | None = None
 
     def __getstate__(self) -> dict:
@@ -180,8 +180,8 @@ class StoreCallback(tune.Callback):
 
     def _progress(self, trials, text: str) -> None:
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        print(f"[sweep {self.experiment}] {time.strftime('%H:%M:%S')} {done}/{len(trials)} done · {text}",
-              flush=True)
+        total = f"/{self.total}" if self.total else ""
+        print(f"[sweep {self.experiment}] {time.strftime('%H:%M:%S')} {done}{total} done · {text}", flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         spec = TrialSpec.model_validate(trial.config["spec"])
@@ -276,9 +276,10 @@ def _tune(cfg: SweepConfig, store: ResultsStore, trainable, run_name: str, n_con
         tune.with_resources(trainable, {"CPU": cfg.resources.driver_cpus}),
         param_space=param_space,
         tune_config=tune.TuneConfig(max_concurrent_trials=n_concurrent, search_alg=searcher,
-                                    num_samples=num_samples),
+                                    num_samples=num_samples, reuse_actors=True),
         run_config=tune.RunConfig(name=run_name, storage_path=str(cfg.experiment_dir() / "tune"),
-                                  callbacks=[StoreCallback(store.url, cfg.name)], verbose=0),
+                                  callbacks=[StoreCallback(store.url, cfg.name, len(specs) if specs else None)],
+                                  verbose=0),
     )
     grid = tuner.fit()
     errors = [r for r in grid if r.error]
@@ -302,26 +303,32 @@ def _ensure_scores(cfg: SweepConfig, n_remove_max: int) -> None:
 
 
 def _max_blocks(cfg: SweepConfig) -> tuple[int, int]:
-    """(blocks the grid removes at most, blocks the keep rule allows) — from the config alone, no weights."""
-    from transformers import AutoConfig
+    """(blocks the sweep removes at most, blocks the keep rule allows), from the model's config on the meta device:
+    no weights are read, and a ratio or count the keep rule forbids fails here, before anything starts."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from shortened.blocks import num_layers
     from shortened.models import resolve_source
-    from shortened.pruning import allowed_blocks
+    from shortened.pruning import resolve_block_count
 
     src = resolve_source(cfg.model, cfg.gguf_file)
-    n_layers = num_layers(AutoConfig.from_pretrained(src.path, **src.from_pretrained_kwargs()))
-    allowed = len(allowed_blocks(n_layers, cfg.keep_first, cfg.keep_last))
+    try:
+        config = AutoConfig.from_pretrained(src.path, **src.from_pretrained_kwargs())
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError) as exc:
+        raise ShortenedError(f"model {cfg.model!r}: cannot read its config: {exc}") from exc
+    from shortened.blocks import find_blocks
+    from shortened.pruning import allowed_blocks
+
+    allowed = len(allowed_blocks(len(find_blocks(skeleton)), cfg.keep_first, cfg.keep_last))
     if cfg.search == "bisect":
         return allowed, allowed
-    if cfg.blocks:
-        if max(cfg.blocks) > allowed:
-            raise ShortenedError(f"blocks {max(cfg.blocks)} is more than the {allowed} blocks keep_first "
-                                 f"{cfg.keep_first} / keep_last {cfg.keep_last} allow")
-        return max(cfg.blocks), allowed
-    # ratios round down to whole blocks; a ratio's count is at most ratio × blocks / (block share of params) — the
-    # exact count needs the weights, so score with every allowed block (iterative only uses it as a step count)
-    return allowed, allowed
+    counts = [resolve_block_count(skeleton, ratio=r, blocks=None, keep_first=cfg.keep_first,
+                                  keep_last=cfg.keep_last) for r in cfg.ratios or []]
+    counts += [resolve_block_count(skeleton, ratio=None, blocks=b, keep_first=cfg.keep_first,
+                                   keep_last=cfg.keep_last) for b in cfg.blocks or []]
+    return max(counts), allowed
 
 
 def _speed_pass(cfg: SweepConfig, store: ResultsStore) -> None:
@@ -382,7 +389,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = N
         trainable = tune.with_parameters(_trainable, sweep=cfg.model_dump(mode="json"), worker_env=worker_env)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         if cfg.search == "grid":
-            pending = [s for s in grid_specs(cfg) if s.key not in before]
+            pending = longest_first([s for s in grid_specs(cfg) if s.key not in before])
             _tune(cfg, store, trainable, f"grid-{stamp}", n_concurrent, specs=pending)
         else:
             if DENSE not in before:

@@ -56,6 +56,16 @@ def grid_specs(cfg: SweepConfig) -> list[TrialSpec]:
     return specs
 
 
+# relative cost of a method's retraining, for ordering trials longest first
+METHOD_COST = {"cpt+lora": 5, "distill": 4, "cpt": 3, "lora": 2, "none": 1, DENSE: 0}
+
+
+def longest_first(specs: list[TrialSpec]) -> list[TrialSpec]:
+    """Launch order for a pool of trial slots: longest expected first (heavier method, then fewer blocks removed),
+    so short trials such as the dense evaluation fill the gaps at the end instead of leaving one slot idle."""
+    return sorted(specs, key=lambda s: (-METHOD_COST.get(s.method, 0), s.ratio or 0.0, s.blocks or 0))
+
+
 def scores_path(exp_dir: Path, criterion: str) -> Path:
     return exp_dir / "scores" / f"{criterion}.json"
 
