@@ -178,8 +178,8 @@ class StoreCallback(tune.Callback):
             self._store = ResultsStore(self.store_url)
         return self._store
 
-    def _progress(self, trials, text: str) -> None:
-        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+    def _progress(self, trials, text: str, finishing=None) -> None:
+        done = sum(t.status in ("TERMINATED", "ERROR") or t is finishing for t in trials)
         total = f"/{self.total}" if self.total else ""
         print(f"[sweep {self.experiment}] {time.strftime('%H:%M:%S')} {done}{total} done · {text}", flush=True)
 
@@ -198,7 +198,8 @@ class StoreCallback(tune.Callback):
                                     replace_metrics=True)
             shown = ", ".join(f"{m['name']} {m['dataset']} {m['value']:.4g}" for m in out["metrics"]
                               if m["name"] in ("ppl", "zeroshot_mean"))
-            self._progress(trials, f"finished {out['row']['key']} in {out['row']['total_s'] / 60:.1f} min: {shown}")
+            self._progress(trials, f"finished {out['row']['key']} in {out['row']['total_s'] / 60:.1f} min: {shown}",
+                           finishing=trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         spec = TrialSpec.model_validate(trial.config["spec"])
@@ -206,7 +207,8 @@ class StoreCallback(tune.Callback):
         if getattr(trial, "error_file", None) and Path(trial.error_file).is_file():
             err = Path(trial.error_file).read_text()[-4000:]
         self.store.upsert_trial(self.experiment, spec.key, {"method": spec.method, "status": "error", "error": err})
-        self._progress(trials, f"FAILED {spec.key}: {err.strip().splitlines()[-1] if err.strip() else 'see Tune log'}")
+        self._progress(trials, f"FAILED {spec.key}: {err.strip().splitlines()[-1] if err.strip() else 'see Tune log'}",
+                       finishing=trial)
 
 
 class BisectSearcher:
