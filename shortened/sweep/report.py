@@ -81,12 +81,30 @@ def _series(trials: list[dict], metric: str) -> dict[str, list[tuple[float, floa
     return {k: sorted(v) for k, v in sorted(lines.items())}
 
 
-def plot_metric(trials: list[dict], metric: str, out: Path, title: str, log_y: bool = False) -> Path | None:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, ax, ylabel: str, title: str, out: Path) -> Path:
+    """The axes every sweep plot shares (ratio on x), then write the PNG and free the figure."""
+    ax.set_xlabel("pruning ratio (share of parameters removed)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    _pyplot().close(fig)
+    return out
+
+
+def plot_metric(trials: list[dict], metric: str, out: Path, title: str, log_y: bool = False) -> Path | None:
+    plt = _pyplot()
     lines = _series(trials, metric)
     if not lines:
         return None
@@ -99,23 +117,11 @@ def plot_metric(trials: list[dict], metric: str, out: Path, title: str, log_y: b
         ax.axhline(base, color="grey", linestyle="--", label="dense")
     if log_y:
         ax.set_yscale("log")
-    ax.set_xlabel("pruning ratio (share of parameters removed)")
-    ax.set_ylabel(metric)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, metric, title, out)
 
 
 def plot_pareto(trials: list[dict], choice: Choice, out: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     from shortened.sweep.selection import lower_is_better
 
     metric = choice.metric
@@ -134,15 +140,7 @@ def plot_pareto(trials: list[dict], choice: Choice, out: Path) -> Path | None:
     if choice.chosen is not None:
         ax.scatter([choice.chosen["ratio_actual"]], [metric_value(choice.chosen, metric)], marker="*", s=250,
                    color="tab:red", label=f"selected ({choice.policy})", zorder=4)
-    ax.set_xlabel("pruning ratio (share of parameters removed)")
-    ax.set_ylabel(metric)
-    ax.set_title("ratio vs " + metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, metric, "ratio vs " + metric, out)
 
 
 def write_report(store: ResultsStore, name: str, out_dir: str | Path, choice: Choice, fmt: str = "md") -> Path:

@@ -304,14 +304,15 @@ def _ensure_scores(cfg: SweepConfig, n_remove_max: int) -> None:
         ray.get(refs)
 
 
-def _max_blocks(cfg: SweepConfig) -> tuple[int, int]:
-    """(blocks the sweep removes at most, blocks the keep rule allows), from the model's config on the meta device:
+def _max_blocks(cfg: SweepConfig) -> int:
+    """Blocks the sweep removes at most (bisect: all the keep rule allows), from the model's config on the meta device:
     no weights are read, and a ratio or count the keep rule forbids fails here, before anything starts."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from shortened.blocks import find_blocks
     from shortened.models import resolve_source
-    from shortened.pruning import resolve_block_count
+    from shortened.pruning import allowed_blocks, resolve_block_count
 
     src = resolve_source(cfg.model, cfg.gguf_file)
     try:
@@ -320,17 +321,14 @@ def _max_blocks(cfg: SweepConfig) -> tuple[int, int]:
             skeleton = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError) as exc:
         raise ShortenedError(f"model {cfg.model!r}: cannot read its config: {exc}") from exc
-    from shortened.blocks import find_blocks
-    from shortened.pruning import allowed_blocks
-
     allowed = len(allowed_blocks(len(find_blocks(skeleton)), cfg.keep_first, cfg.keep_last))
     if cfg.search == "bisect":
-        return allowed, allowed
+        return allowed
     counts = [resolve_block_count(skeleton, ratio=r, blocks=None, keep_first=cfg.keep_first,
                                   keep_last=cfg.keep_last) for r in cfg.ratios or []]
     counts += [resolve_block_count(skeleton, ratio=None, blocks=b, keep_first=cfg.keep_first,
                                    keep_last=cfg.keep_last) for b in cfg.blocks or []]
-    return max(counts), allowed
+    return max(counts)
 
 
 def _speed_pass(cfg: SweepConfig, store: ResultsStore) -> None:
@@ -369,7 +367,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = N
     start = time.perf_counter()
     cfg = cfg.model_copy(update={"storage_path": str(Path(cfg.storage_path).expanduser().resolve())})
     preflight(cfg)
-    n_remove_max, _ = _max_blocks(cfg)
+    n_remove_max = _max_blocks(cfg)
     check_experiment(cfg, resume)
     started_ray = not ray.is_initialized()
     if started_ray:
