@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--speed-warmup", type=int, default=1)
     ev.add_argument("--baseline", help="a second model for --speed, run alternately; rows get speedups over it")
     ev.add_argument("--batch-size", type=int, default=8, help="sequences per forward for ppl and zero-shot")
+    ev.add_argument("--zeroshot-cache", help="folder for lm-eval's response cache (one file per model weights): an "
+                                             "interrupted zero-shot run resumes where it stopped")
     ev.add_argument("--out", required=True, help="results JSON file to write")
     ev.add_argument("--overwrite", action="store_true")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -307,7 +309,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   speed_batch_sizes=_int_list(args.speed_batch_sizes, "--speed-batch-sizes"),
                   speed_new_tokens=_int_list(args.speed_new_tokens, "--speed-new-tokens"),
                   speed_repeats=args.speed_repeats, speed_warmup=args.speed_warmup,
-                  batch_size=args.batch_size, progress=not args.quiet)
+                  batch_size=args.batch_size, zeroshot_cache=args.zeroshot_cache, progress=not args.quiet)
     cfg = validated(EvalConfig, fields, "eval option")
     if args.baseline and not args.speed:
         raise ShortenedError("--baseline is compared by --speed; add --speed")

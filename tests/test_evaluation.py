@@ -110,6 +110,26 @@ def test_zero_shot_through_lm_eval_equals_a_hand_computation(tiny, smollm2_token
     assert res["lm_eval_version"] == "0.4.13"
 
 
+def test_zero_shot_response_cache_resumes_and_is_keyed_by_the_weights(tiny, smollm2_tokenizer, tmp_path):
+    from sqlitedict import SqliteDict
+
+    first = evaluate_zeroshot(tiny, smollm2_tokenizer, ["openbookqa"], limit=5, batch_size=4, cache_dir=str(tmp_path))
+    (db,) = tmp_path.glob("lm-eval-*_rank0.db")
+    with SqliteDict(str(db)) as cached:
+        assert len(cached) == 5 * 4  # one response per (question, choice), committed as they come
+        # an interrupted run left some responses behind: drop half, the next run recomputes only those
+        for key in list(cached.keys())[:10]:
+            del cached[key]
+        cached.commit()
+    again = evaluate_zeroshot(tiny, smollm2_tokenizer, ["openbookqa"], limit=5, batch_size=4, cache_dir=str(tmp_path))
+    assert again["tasks"] == first["tasks"]
+    with SqliteDict(str(db)) as cached:
+        assert len(cached) == 20
+    other = tiny_model("llama", vocab_size=len(smollm2_tokenizer), seed=1).eval()  # other weights, other file
+    evaluate_zeroshot(other, smollm2_tokenizer, ["openbookqa"], limit=2, batch_size=4, cache_dir=str(tmp_path))
+    assert len(list(tmp_path.glob("lm-eval-*_rank0.db"))) == 2
+
+
 # -- speed --------------------------------------------------------------------------------------------------------
 
 def test_speed_forces_output_length_and_compares_models(tiny, smollm2_tokenizer):

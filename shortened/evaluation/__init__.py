@@ -33,6 +33,7 @@ class EvalConfig(BaseModel):
     speed_repeats: int = Field(3, ge=1)
     speed_warmup: int = Field(1, ge=0)
     batch_size: int = Field(8, ge=1)
+    zeroshot_cache: str | None = None  # folder for lm-eval's response cache, one file per model weights
     progress: bool = True
 
     @field_validator("ppl")
@@ -72,7 +73,8 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: Ev
                                   source=cfg.ppl_source, progress=cfg.progress) for d in cfg.ppl]
     if cfg.tasks:
         result["zeroshot"] = evaluate_zeroshot(model, tokenizer, cfg.tasks, limit=cfg.limit,
-                                               batch_size=cfg.batch_size, source=cfg.tasks_source)
+                                               batch_size=cfg.batch_size, source=cfg.tasks_source,
+                                               cache_dir=cfg.zeroshot_cache)
     if cfg.speed:
         models = {"model": (model, tokenizer)}
         if baseline is not None:

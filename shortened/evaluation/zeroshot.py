@@ -135,10 +135,24 @@ def task_config(task: str) -> dict:
             "metadata": {"version": 1.0, "local_file": str(path)}}
 
 
+def weights_digest(model: PreTrainedModel) -> str:
+    """A short hash of the parameters' names, dtypes and values: which model a cached response belongs to."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def evaluate_zeroshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: str | Sequence[str] = "all",
                       *, limit: int | None = None, batch_size: int = 8, source: Literal["local", "hub"] = "local",
-                      max_length: int | None = None) -> dict:
-    """Run the tasks through lm-eval's HFLM wrapping ``model`` (no copy); one row per task plus the mean."""
+                      max_length: int | None = None, cache_dir: str | None = None) -> dict:
+    """Run the tasks through lm-eval's HFLM wrapping ``model`` (no copy); one row per task plus the mean.
+
+    ``cache_dir``: lm-eval's response cache, committed per request, in a file named by a hash of the model's weights
+    (lm-eval keys it by request only), so an interrupted full-split run resumes where it stopped."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -147,8 +161,11 @@ def evaluate_zeroshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     specs = [task_config(t) for t in names] if source == "local" else [TASKS[t].hub_task for t in names]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     with eval_mode(model):
+        cache = str(Path(cache_dir) / f"lm-eval-{weights_digest(model)}") if cache_dir else None
+        if cache:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
         out = lm_eval.simple_evaluate(model=lm, tasks=specs, num_fewshot=0, limit=limit, bootstrap_iters=0,
-                                      log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+                                      use_cache=cache, log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
     rows = []
     for t in names:
         key = PREFIX + t if source == "local" else TASKS[t].hub_task
