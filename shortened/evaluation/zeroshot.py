@@ -165,7 +165,8 @@ def evaluate_zeroshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         if cache:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
         out = lm_eval.simple_evaluate(model=lm, tasks=specs, num_fewshot=0, limit=limit, bootstrap_iters=0,
-                                      use_cache=cache, log_samples=False, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+                                      use_cache=cache, log_samples=False, random_seed=0, numpy_random_seed=0,
+                                      torch_random_seed=0)
     rows = []
     for t in names:
         key = PREFIX + t if source == "local" else TASKS[t].hub_task
