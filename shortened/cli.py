@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--storage-path", default=str(Path.home() / "ray_results"),
                     help="Ray Train storage (shared storage on multi-node clusters)")
     rt.add_argument("--name", help="run name (default: the output folder's name); the same name resumes")
+    rt.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     rt.add_argument("--out", required=True, help="folder for the retrained HF checkpoint")
     rt.add_argument("--overwrite", action="store_true")
     rt.set_defaults(func=cmd_retrain)
@@ -278,7 +279,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                         placement_strategy=args.placement)
     result = retrain(args.model, args.out, cfg, scale=scale, storage_path=args.storage_path,
                      name=args.name or Path(args.out).name, max_failures=args.max_failures,
-                     overwrite=args.overwrite, teacher=args.teacher)
+                     overwrite=args.overwrite, teacher=args.teacher, address=args.address)
     print(json.dumps({"out": result.model_dir, "metrics": result.metrics,
                       "phases": [{"phase": p["phase"], "run": p["run"], "checkpoint": p["checkpoint"]}
                                  for p in result.phases]}, indent=2, default=str))

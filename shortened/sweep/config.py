@@ -37,7 +37,9 @@ class Resources(BaseModel):
     driver_cpus: float = Field(0.05, gt=0, le=1)  # the Tune trial itself only waits on its tasks
     max_concurrent_trials: int | None = Field(None, ge=1)  # default: as many as the cluster fits
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    max_failures: int = Field(0, ge=0)  # Ray Train restarts of a trial's workers (from the last checkpoint)
+    # restarts of a trial's Ray Train workers (from the last checkpoint), and retries of a trial whose driver died
+    # with its node (finished stages are kept; training resumes from its checkpoint)
+    max_failures: int = Field(0, ge=0)
 
     @property
     def task_cpu(self) -> float:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ray import tune
 
+from shortened.cluster import check_job_paths, check_placement, check_shared_storage, cluster_capacity, connect
 from shortened.errors import ShortenedError
 from shortened.io import write_json_atomic
 from shortened.sweep.config import SweepConfig
@@ -71,6 +72,16 @@ def preflight(cfg: SweepConfig) -> None:
         if data is None or not (data / rel).exists():
             raise ShortenedError(f"{what}: local file {rel} not found under {data or '../shared/data'} "
                                  "(set SHORTENED_DATA_DIR, or use the hub source)")
+
+
+def check_trial_fits(cfg: SweepConfig) -> None:
+    """Per node, not just in total: a trial's training workers (with their placement strategy) and its prune/evaluate
+    task must each be placeable, or Ray would wait for them forever."""
+    r = cfg.resources
+    if any(m != "none" for m in cfg.methods):
+        check_placement(r.workers_per_trial, {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu
+                                                                           else {})}, r.placement_strategy)
+    check_placement(1, {"CPU": r.task_cpu, "GPU": r.task_gpu})
 
 
 def concurrency(cfg: SweepConfig, cluster: dict) -> int:
@@ -280,6 +291,7 @@ def _tune(cfg: SweepConfig, store: ResultsStore, trainable, run_name: str, n_con
         tune_config=tune.TuneConfig(max_concurrent_trials=n_concurrent, search_alg=searcher,
                                     num_samples=num_samples, reuse_actors=True),
         run_config=tune.RunConfig(name=run_name, storage_path=str(cfg.experiment_dir() / "tune"),
+                                  failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
                                   callbacks=[StoreCallback(store.url, cfg.name, len(specs) if specs else None)],
                                   verbose=0),
     )
@@ -365,15 +377,16 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = N
     import ray
 
     start = time.perf_counter()
+    check_job_paths(storage_path=cfg.storage_path)
     cfg = cfg.model_copy(update={"storage_path": str(Path(cfg.storage_path).expanduser().resolve())})
     preflight(cfg)
     n_remove_max = _max_blocks(cfg)
     check_experiment(cfg, resume)
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    started_ray = connect(address)
     try:
-        n_concurrent = concurrency(cfg, ray.cluster_resources())
+        check_shared_storage(cfg.storage_path)
+        check_trial_fits(cfg)
+        n_concurrent = concurrency(cfg, cluster_capacity())
         store = ResultsStore(cfg.resolved_store_url())
         register_experiment(cfg, store, resume)
         recover_finished(cfg, store)

@@ -171,6 +171,7 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, run_task: RunTask = inline,
               worker_env: dict[str, str] | None = None) -> dict:
     """Prune → retrain → evaluate one spec; returns (and saves as ``result.json``) the trial's row and metrics."""
     from shortened.evaluation import metric_rows
+    from shortened.pruning import PRUNING_JSON
 
     exp_dir = cfg.experiment_dir()
     tdir = trial_dir(exp_dir, spec.key)
@@ -187,7 +188,9 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, run_task: RunTask = inline,
     else:
         t = time.perf_counter()
         pruned = str(tdir / "pruned")
-        report = run_task(prune_stage, cfg_json, spec.model_dump(), str(scores_path(exp_dir, spec.criterion)), pruned)
+        plan = Path(pruned) / PRUNING_JSON  # a retried trial does not wait for a task slot to find it done
+        report = json.loads(plan.read_text()) if plan.is_file() else run_task(
+            prune_stage, cfg_json, spec.model_dump(), str(scores_path(exp_dir, spec.criterion)), pruned)
         row.update(prune_s=time.perf_counter() - t, removed_blocks=report["removed_blocks"],
                    num_blocks=report["num_blocks_after"], params=report["params_after"],
                    params_before=report["params_before"], ratio_actual=report["ratio_actual"],

@@ -7,6 +7,7 @@ token; a consolidated Hugging Face checkpoint at the end.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -204,23 +205,45 @@ def run(phase: Phase, session: Session) -> dict:
 
 
 def _maybe_fail(rank: int, step: int) -> None:
-    """Fault injection for tests: ``SHORTENED_FAULT="RANK:STEP:MARKER"`` SIGKILLs that rank after that step,
-    once (the marker file records that it happened)."""
+    """Fault injection for tests: ``SHORTENED_FAULT="RANK:STEP:MARKER[:ACTION]"`` acts once on that rank after that
+    step (the marker file records that it happened). ACTION ``kill`` (default) SIGKILLs the rank; ``hold`` writes
+    the rank's pid and node into the marker and waits (up to 10 min) for the test to kill its node."""
     spec = os.environ.get("SHORTENED_FAULT")
     if not spec:
         return
-    fault_rank, fault_step, marker = spec.split(":", 2)
-    if rank == int(fault_rank) and step == int(fault_step) and not os.path.exists(marker):
-        Path(marker).touch()
-        log.warning("fault injection: killing rank %d (pid %d) after step %d", rank, os.getpid(), step)
-        os.kill(os.getpid(), signal.SIGKILL)
+    fault_rank, fault_step, rest = spec.split(":", 2)
+    marker, _, action = rest.partition(":")
+    if rank != int(fault_rank) or step != int(fault_step) or os.path.exists(marker):
+        return
+    if action == "hold":
+        tmp = f"{marker}.tmp"
+        Path(tmp).write_text(json.dumps({"pid": os.getpid(), "node": _node_id(), "step": step}))
+        os.replace(tmp, marker)
+        log.warning("fault injection: rank %d (pid %d) holds after step %d for its node to be killed", rank,
+                    os.getpid(), step)
+        time.sleep(600)
+        return
+    Path(marker).touch()
+    log.warning("fault injection: killing rank %d (pid %d) after step %d", rank, os.getpid(), step)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@functools.lru_cache(maxsize=1)
+def _node_id() -> str:
+    """The Ray node this process runs on ("local" outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    except Exception:
+        return "local"
 
 
 def _log_tokens(path: Path, rank: int, step: int, micro: int, ids: torch.Tensor) -> None:
     """Audit log: which tokens each (step, micro-batch) of this rank trained on; a redone step appends again."""
     digest = hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()[:16]
     with open(f"{path}.rank{rank}.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "micro": micro, "sha": digest}) + "\n")
+        f.write(json.dumps({"step": step, "micro": micro, "sha": digest, "node": _node_id()}) + "\n")
 
 
 def trained_tokens(out: str | Path, world_size: int) -> dict[int, dict[tuple[int, int], str]]:

@@ -1,17 +1,18 @@
 """The Ray layer of retraining: one ``TorchTrainer`` run per phase (``cpt+lora`` is two), resumable by name.
 
 Everything that can be checked before workers start is checked here: the model folder, the data source (a
-missing path or empty glob), the output folder, and whether the cluster can ever place the workers.
+missing path or empty glob), the output folder, the cluster address, whether every node shares the storage path, and
+whether the cluster can ever place the workers.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from shortened.cluster import check_job_paths, check_placement, check_shared_storage, connect
 from shortened.errors import ShortenedError
 from shortened.training.config import TrainConfig
 from shortened.training.loop import Phase, train_worker
@@ -76,34 +77,24 @@ def check_inputs(model: str, out: str, cfg: TrainConfig, overwrite: bool) -> Non
         raise ShortenedError(f"output folder {out!r} is not empty (use --overwrite to replace it)")
 
 
-def check_resources(scale: ScaleConfig) -> None:
-    """Fail fast when the cluster can never place the workers (Ray would wait forever)."""
-    import ray
-
-    total = ray.cluster_resources()
-    need_cpu = scale.num_workers * scale.cpus_per_worker
-    if need_cpu > total.get("CPU", 0):
-        raise ShortenedError(f"{scale.num_workers} workers × {scale.cpus_per_worker} CPU = {need_cpu} CPUs, but the "
-                             f"Ray cluster has {total.get('CPU', 0):g}")
-    if scale.use_gpu and scale.num_workers * scale.gpus_per_worker > total.get("GPU", 0):
-        raise ShortenedError(f"{scale.num_workers} GPU workers need {scale.num_workers * scale.gpus_per_worker:g} "
-                             f"GPUs, but the Ray cluster has {total.get('GPU', 0):g}")
+def worker_bundle(scale: ScaleConfig) -> dict[str, float]:
+    return {"CPU": scale.cpus_per_worker, **({"GPU": scale.gpus_per_worker} if scale.use_gpu else {})}
 
 
 def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None = None, storage_path: str,
             name: str, max_failures: int = 0, overwrite: bool = False, teacher: str | None = None,
-            worker_env: dict[str, str] | None = None) -> RetrainResult:
+            worker_env: dict[str, str] | None = None, address: str | None = None) -> RetrainResult:
     """Run every phase with Ray Train; re-running with the same ``name`` and ``storage_path`` resumes."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     scale = scale or ScaleConfig()
+    check_job_paths(out=out, storage_path=storage_path)
     model, out, storage_path = (str(Path(p).expanduser().resolve()) for p in (model, out, storage_path))
     check_inputs(model, out, cfg, overwrite)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-    check_resources(scale)
+    connect(address)
+    check_placement(scale.num_workers, worker_bundle(scale), scale.placement_strategy)
+    check_shared_storage(storage_path)
     phases = phases_for(model, out, cfg, storage_path, name, teacher)
     results = []
     for phase in phases:
@@ -112,8 +103,7 @@ def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None
             train_worker, train_loop_config=phase.model_dump(),
             scaling_config=ScalingConfig(
                 num_workers=scale.num_workers, use_gpu=scale.use_gpu,
-                resources_per_worker={"CPU": scale.cpus_per_worker,
-                                      **({"GPU": scale.gpus_per_worker} if scale.use_gpu else {})},
+                resources_per_worker=worker_bundle(scale),
                 placement_strategy=scale.placement_strategy),
             run_config=RunConfig(name=run_name, storage_path=storage_path,
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),

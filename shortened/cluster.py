@@ -1,0 +1,221 @@
+"""Checks against a Ray cluster that turn would-be hangs into clear errors: an address nobody answers, a storage path
+some node cannot write or does not share, workers the cluster can never place. Used by retraining and the sweep
+before any work starts."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+from shortened.errors import ShortenedError
+
+log = logging.getLogger(__name__)
+
+JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a `ray job submit` job
+CONNECT_TIMEOUT_S = 10.0
+PROBE_TIMEOUT_S = 120.0
+UNREACHABLE_HINT = "Is the cluster up (`ray status`, `cluster/local.sh status`), and its GCS port open from here?"
+
+
+def in_ray_job() -> bool:
+    """True when this process is the driver of a submitted Ray job (it runs in a temporary copy of --working-dir)."""
+    return JOB_ENV in os.environ
+
+
+def connect(address: str | None = None) -> bool:
+    """``ray.init`` to ``address`` (else ``RAY_ADDRESS``, else a new local Ray). Returns True when this call started
+    Ray. An address that does not answer within seconds is an error that names it, not a minute-long hang."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    source = "--address" if address else "RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address not in ("auto", "local"):
+        _check_reachable(address, source)
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except ConnectionError as exc:
+        raise ShortenedError(f"cannot connect to the Ray cluster at {address!r} (from {source}): {exc}. "
+                             f"{UNREACHABLE_HINT}") from exc
+    except Exception as exc:  # ray.exceptions.AuthenticationError and friends
+        if type(exc).__name__ == "AuthenticationError":
+            raise ShortenedError(
+                f"the Ray cluster at {address!r} refused this client's token: set RAY_AUTH_MODE=token and the "
+                f"cluster's token in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token): {exc}") from exc
+        raise
+    return True
+
+
+def _check_reachable(address: str, source: str) -> None:
+    url = urlparse(address if "://" in address else f"tcp://{address}")
+    host, port = url.hostname, url.port
+    if not host or not port:
+        raise ShortenedError(f"Ray address {address!r} (from {source}) is not HOST:PORT")
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise ShortenedError(f"cannot connect to the Ray cluster at {address!r} (from {source}): "
+                             f"{exc or 'timed out'}. {UNREACHABLE_HINT}") from exc
+
+
+# -- shared storage ----------------------------------------------------------------------------------------------
+
+def _probe(path: str, driver_file: str, token: str) -> dict:
+    """On one node: can it create files under ``path``, and does it see the file the driver just wrote there?"""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        mine = Path(path) / f".probe-{token}-{node[:12]}"
+        mine.write_text(node)
+        mine.unlink()
+    except OSError as exc:
+        return {"node": node, "error": f"cannot write: {exc}"}
+    try:
+        seen = Path(driver_file).read_text() == token
+    except OSError:
+        seen = False
+    if not seen:
+        return {"node": node, "error": "does not see files the driver writes there (not shared storage)"}
+    return {"node": node, "error": None}
+
+
+def check_shared_storage(path: str | Path) -> None:
+    """Every alive node must be able to write ``path`` and see what the driver wrote: models, checkpoints and
+    results move between trials and workers through it. One zero-CPU probe task per node, bounded in time."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    path = str(path)
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    token = uuid.uuid4().hex
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        driver_file = Path(path) / f".probe-{token}"
+        driver_file.write_text(token)
+    except OSError as exc:
+        raise ShortenedError(f"storage path {path!r} is not writable from the driver: {exc}") from exc
+    try:
+        if len(nodes) < 2:
+            return  # one node: the driver's own write above is the check
+        probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
+        refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(path, str(driver_file), token) for n in nodes]
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
+        where = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in nodes}
+        bad = []
+        for ref in ready:
+            try:
+                result = ray.get(ref)
+            except Exception as exc:  # the node died since ray.nodes() listed it: nothing to check there
+                log.warning("storage probe: a node went away (%s)", type(exc).__name__)
+                continue
+            if result["error"]:
+                bad.append(result)
+        if bad:
+            lines = "; ".join(f"node {b['node'][:12]} ({where.get(b['node'])}) {b['error']}" for b in bad)
+            raise ShortenedError(f"storage path {path!r} must be shared storage, writable at the same path on every "
+                                 f"node (NFS, EFS, a PVC...): {lines}")
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        if pending:
+            log.warning("storage probe: %d node(s) did not answer within %.0f s; not checked", len(pending),
+                        PROBE_TIMEOUT_S)
+    finally:
+        driver_file.unlink(missing_ok=True)
+
+
+# -- placement ---------------------------------------------------------------------------------------------------
+
+def _node_capacities() -> tuple[list[dict[str, float]], bool]:
+    """Total resources of every alive node, plus those of every node the autoscaler may still add
+    (as many copies as its ``max_count``, capped); second value: whether an autoscaler config was found."""
+    import ray
+
+    nodes = [dict(n["Resources"]) for n in ray.nodes() if n["Alive"]]
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # private API: absent or changed -> judge by the nodes that exist
+        config = None
+    groups = list(config.node_group_configs) if config is not None else []
+    for g in groups:
+        count = g.max_count if g.max_count >= 0 else 64
+        nodes += [dict(g.resources)] * min(count, 64)
+    return nodes, bool(groups)
+
+
+def cluster_capacity() -> dict[str, float]:
+    """Total resources of the cluster, counting the nodes its autoscaler may add."""
+    total: dict[str, float] = {}
+    for node in _node_capacities()[0]:
+        for k, v in node.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def placement_problem(num: int, bundle: dict[str, float], strategy: str,
+                      nodes: list[dict[str, float]]) -> str | None:
+    """Why ``num`` identical bundles can never be placed on ``nodes`` with ``strategy``; None if they can."""
+    def fits(node: dict[str, float]) -> int:
+        counts = [math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in bundle.items() if v > 0]
+        return min(counts) if counts else num
+
+    per_node = [fits(n) for n in nodes]
+    what = " + ".join(f"{v:g} {k}" for k, v in bundle.items() if v > 0)
+    shape = ", ".join("{" + ", ".join(f"{k}: {n.get(k, 0):g}" for k in bundle) + "}" for n in nodes) or "none"
+    if strategy == "STRICT_SPREAD":
+        ok = sum(c >= 1 for c in per_node)
+        if ok < num:
+            return (f"{num} workers × ({what}) with STRICT_SPREAD need {num} different nodes that each fit one "
+                    f"worker; the cluster has {ok} (nodes: {shape})")
+    elif strategy == "STRICT_PACK":
+        if max(per_node, default=0) < num:
+            return (f"{num} workers × ({what}) with STRICT_PACK need one node that fits them all; the largest fits "
+                    f"{max(per_node, default=0)} (nodes: {shape})")
+    elif sum(per_node) < num:
+        plural = "s" if num != 1 else ""
+        return (f"{num} worker{plural} × ({what}) can never be placed: the cluster's nodes fit {sum(per_node)} "
+                f"(nodes: {shape})")
+    return None
+
+
+def check_placement(num: int, bundle: dict[str, float], strategy: str = "PACK") -> None:
+    """Fail fast when the cluster (as it is, plus what its autoscaler may add) can never place the workers:
+    Ray would wait for them forever."""
+    nodes, autoscaling = _node_capacities()
+    problem = placement_problem(num, bundle, strategy, nodes)
+    if problem:
+        hint = "" if autoscaling else " — no autoscaler config was found, so only the nodes that exist count"
+        raise ShortenedError(problem + hint)
+
+
+def check_job_paths(**paths: str) -> None:
+    """Inside a submitted Ray job the working directory is a temporary copy: relative output paths would vanish."""
+    if not in_ray_job():
+        return
+    for name, p in paths.items():
+        if p and "://" not in str(p) and not Path(str(p)).is_absolute():
+            raise ShortenedError(f"{name} {p!r} is relative, but this runs as a Ray job in a temporary copy of "
+                                 f"--working-dir ({os.getcwd()}), so what it writes would be lost: pass an absolute "
+                                 "path on shared storage (e.g. --storage-path /mnt/shared/runs)")
+
+
+def describe() -> str:
+    """One line about the cluster this process is connected to (for logs)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    res = ray.cluster_resources()
+    return (f"{len(nodes)} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs "
+            f"(python {sys.version_info.major}.{sys.version_info.minor}, ray {ray.__version__})")
