@@ -17,8 +17,10 @@ WORKERS=2
 HEAD_CPUS=1
 WORKER_CPUS=2
 OBJECT_STORE_BYTES=${SHORTENED_CLUSTER_OBJECT_STORE:-300000000}  # per node; they all share this machine's /dev/shm
-RAY=${RAY:-$(command -v ray || true)}
-[ -x "${RAY}" ] || RAY="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/ray"
+# the project's venv first (make venv), else whatever `ray` is on PATH; RAY=... overrides both
+VENV_RAY="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/ray"
+if [ -z "${RAY:-}" ]; then if [ -x "$VENV_RAY" ]; then RAY=$VENV_RAY; else RAY=$(command -v ray || true); fi; fi
+[ -x "${RAY:-}" ] || { echo "local.sh: no ray executable (run make venv, or set RAY=/path/to/ray)" >&2; exit 2; }
 
 cmd=${1:-}; shift || true
 while [ $# -gt 0 ]; do

@@ -101,7 +101,8 @@ def test_launcher_config_validates_and_manifests_agree_with_the_project():
 class Cluster:
     def __init__(self, state: Path):
         self.state = state
-        self.env = {**os.environ, "SHORTENED_CLUSTER_DIR": str(state), "SHORTENED_CLUSTER_PORT": str(PORT)}
+        self.env = {**os.environ, "SHORTENED_CLUSTER_DIR": str(state), "SHORTENED_CLUSTER_PORT": str(PORT),
+                    "RAY": str(Path(sys.executable).parent / "ray")}
         self.dashboard = f"http://127.0.0.1:{PORT + 1875}"
 
     def sh(self, *args: str, timeout: float = 180) -> str:
