@@ -72,7 +72,8 @@ def _probe(path: str, driver_file: str, token: str) -> dict:
     """On one node: can it create files under ``path``, and does it see the file the driver just wrote there?"""
     import ray
 
-    node = ray.get_runtime_context().get_node_id()
+    # (is_initialized first: get_runtime_context() would start a Ray of its own outside a cluster)
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
         mine = Path(path) / f".probe-{token}-{node[:12]}"

@@ -52,6 +52,9 @@ def test_storage_probe_tells_unwritable_from_unshared(tmp_path):
     assert "not shared storage" in _probe(str(tmp_path), str(tmp_path / ".probe-other"), "t")["error"]
     (tmp_path / "file").write_text("")
     assert "cannot write" in _probe(str(tmp_path / "file" / "runs"), str(driver_file), "t")["error"]
+    import ray
+
+    assert not ray.is_initialized()  # probing outside Ray must not start one (a second Ray on the machine)
 
 
 def test_relative_output_paths_are_refused_inside_a_ray_job(monkeypatch):
