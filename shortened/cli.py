@@ -1,4 +1,4 @@
-"""The ``shortened`` command line: one verb per job (``score``, ``prune``, ``retrain``, ``eval``, ``data``, ``sweep``,
+"""The ``shortened`` command line: one verb per job (``score``, ``prune``, ``prune-width``, ``retrain``, ``eval``, ``data``, ``sweep``,
 ``results``, ``select``, ``report``)."""
 
 from __future__ import annotations
@@ -65,6 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     prune.set_defaults(func=cmd_prune)
+
+    pw = sub.add_parser("prune-width", help="the width baseline: remove head groups and MLP channels from every "
+                                            "block to a parameter budget; saves an HF checkpoint")
+    _add_model_args(pw)
+    budget = pw.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--ratio", type=float, help="fraction of parameters to remove")
+    budget.add_argument("--params", type=int, help="parameter count to end at (or just under)")
+    budget.add_argument("--like", help="a depth-pruned folder: match its parameter count (its pruning.json)")
+    pw.add_argument("--score", default="activation", choices=["activation", "magnitude"],
+                    help="activation: Wanda-style |input| x weight norm on calibration text (default); magnitude: "
+                         "weight norms, data-free")
+    pw.add_argument("--calib-source", default="slimpajama-sample", help="corpus for activation scores")
+    pw.add_argument("--calib-samples", type=int, default=10)
+    pw.add_argument("--calib-seq-len", type=int, default=128)
+    pw.add_argument("--seed", type=int, default=0)
+    pw.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    pw.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    pw.set_defaults(func=cmd_prune_width)
 
     rt = sub.add_parser("retrain", help="heal a pruned model: CPT, LoRA, CPT+LoRA or distillation on Ray Train "
                                          "with DeepSpeed ZeRO; re-running the same --name resumes")
@@ -242,6 +260,50 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(json.dumps({"out": str(out), "removed_blocks": r["removed_blocks"], "num_blocks_after": r["num_blocks_after"],
                       "params_before": r["params_before"], "params_after": r["params_after"],
                       "ratio_actual": round(r["ratio_actual"], 4)}))
+    return 0
+
+
+def _width_target(args: argparse.Namespace, params: int) -> int:
+    """The parameter count --ratio, --params or --like asks for."""
+    from shortened.pruning import check_ratio
+
+    if args.ratio is not None:
+        check_ratio(args.ratio)
+        return int(params * (1 - args.ratio))
+    if args.params is not None:
+        return args.params
+    report = Path(args.like) / "pruning.json"
+    if not report.is_file():
+        raise ShortenedError(f"--like {args.like}: no pruning.json there (a folder written by `shortened prune`)")
+    try:
+        return int(json.loads(report.read_text())["params_after"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ShortenedError(f"{report}: cannot read params_after ({exc})") from exc
+
+
+def cmd_prune_width(args: argparse.Namespace) -> int:
+    from shortened.data.calibration import CalibrationConfig, calibration_windows
+    from shortened.io import check_output_dir
+    from shortened.models import count_params, load_model, load_tokenizer
+    from shortened.width import plan_for_params, prune_width, save_width_pruned, width_scores
+
+    check_output_dir(args.out, args.overwrite)
+    if args.like is not None and not Path(args.like).is_dir():
+        raise ShortenedError(f"--like {args.like}: no such folder")
+    model = load_model(args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.model, gguf_file=args.gguf_file)
+    before = count_params(model)
+    plan = plan_for_params(model, _width_target(args, before), args.score)
+    calibration = None
+    if args.score == "activation":
+        calibration = calibration_windows(tokenizer, CalibrationConfig(
+            source=args.calib_source, n_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed))
+    prune_width(model, plan, width_scores(model, args.score, calibration))
+    out = save_width_pruned(model, plan, args.out, tokenizer, source=args.model, params_before=before,
+                            overwrite=args.overwrite)
+    print(json.dumps({"out": str(out), "groups_removed": plan.groups, "channels_removed": plan.channels,
+                      "params_before": before, "params_after": count_params(model),
+                      "ratio_actual": round(1 - count_params(model) / before, 4)}))
     return 0
 
 

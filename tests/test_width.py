@@ -100,3 +100,36 @@ def test_bad_width_input():
     gpt2 = tiny_model("gpt2")
     with pytest.raises(ShortenedError, match="width pruning supports"):
         width_scores(gpt2)
+
+
+def test_cli_prune_width_matches_a_depth_pruned_folder(tmp_path, smollm2_tokenizer, capsys):
+    """`shortened prune-width --like DEPTH` ends at (just under) the depth-pruned model's size with calibration
+    scores, writes a loadable folder, and bad input fails with a named error and writes nothing."""
+    from shortened.cli import main
+    from shortened.pruning import prune, save_pruned, score_blocks
+
+    model = tiny_model("llama", vocab_size=len(smollm2_tokenizer), num_hidden_layers=8, intermediate_size=96,
+                       num_attention_heads=4, num_key_value_heads=2)
+    dense = tmp_path / "dense"
+    model.save_pretrained(dense)
+    smollm2_tokenizer.save_pretrained(dense)
+    depth = save_pruned(prune(model, score_blocks(model, "magnitude", None, keep_first=1, keep_last=1),
+                              2, keep_first=1, keep_last=1), tmp_path / "depth")
+    target = json.loads((depth / "pruning.json").read_text())["params_after"]
+    out = tmp_path / "width"
+    assert main(["prune-width", "--model", str(dense), "--like", str(depth), "--calib-samples", "2",
+                 "--calib-seq-len", "32", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert count_params(loaded) == printed["params_after"] <= target
+    assert target - count_params(loaded) < 0.02 * target
+    meta = json.loads((out / WIDTH_JSON).read_text())
+    assert meta["method"] == "activation" and meta["model"] == str(dense)
+    assert loaded.config.num_hidden_layers == 8  # width pruning keeps every block
+
+    assert main(["prune-width", "--model", str(dense), "--like", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "no pruning.json" in capsys.readouterr().err
+    assert main(["prune-width", "--model", str(dense), "--params", "10", "--score", "magnitude",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "keep a head group and a channel" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
