@@ -274,12 +274,14 @@ def plots(part: str, res: dict) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4))
         names = list(res["models"])
         for k, bs in enumerate(res["settings"]["batch_sizes"]):
-            vals = [next(r["tokens_per_s"] for r in res["speed"] if r["model"] == n and r["batch_size"] == bs)
+            vals = [next(r["speedup_vs_baseline"] for r in res["speed"] if r["model"] == n and r["batch_size"] == bs)
                     for n in names]
-            ax.bar([i + 0.4 * k for i in range(len(names))], vals, width=0.4, label=f"batch {bs}")
-        ax.set_xticks([i + 0.2 for i in range(len(names))], names)
-        ax.set_ylabel("generated tokens/s")
-        ax.legend()
+            bars = ax.bar([i + 0.4 * k for i in range(len(names))], vals, width=0.4, label=f"batch {bs}")
+            ax.bar_label(bars, fmt="%.2f×", fontsize=8)
+        ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=15)
+        ax.set_ylim(0.8, None)
+        ax.set_ylabel("generation speedup over the original")
+        ax.legend(loc="lower right")
     fig.tight_layout()
     path = OUT / f"{part}.png"
     fig.savefig(path, dpi=120)
