@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast demo bench clean paper-claims
 
 venv: $(STAMP)
 
@@ -38,6 +38,9 @@ bench: venv
 	$(BIN)/python benchmarks/eval_speed.py
 	$(BIN)/python benchmarks/retrain.py
 	$(BIN)/python benchmarks/sweep.py
+
+paper-claims: venv  # about 90 minutes on 2 cores; each part also runs alone (--part)
+	$(BIN)/python benchmarks/paper_claims.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache benchmarks/results
