@@ -68,12 +68,20 @@ def _check_reachable(address: str, source: str) -> None:
 
 # -- shared storage ----------------------------------------------------------------------------------------------
 
+def node_id() -> str:
+    """The Ray node this process runs on; "local" outside Ray."""
+    try:
+        import ray
+
+        # (is_initialized first: get_runtime_context() would start a Ray of its own outside a cluster)
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    except Exception:
+        return "local"
+
+
 def _probe(path: str, driver_file: str, token: str) -> dict:
     """On one node: can it create files under ``path``, and does it see the file the driver just wrote there?"""
-    import ray
-
-    # (is_initialized first: get_runtime_context() would start a Ray of its own outside a cluster)
-    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    node = node_id()
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
         mine = Path(path) / f".probe-{token}-{node[:12]}"

@@ -44,6 +44,25 @@ def check_output_file(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+def save_model_dir(out: str | Path, model, tokenizer=None, *, report_name: str, report: dict,
+                   overwrite: bool = False) -> Path:
+    """Write an HF model (``save_pretrained``), its tokenizer and a JSON report to a staging folder beside ``out``,
+    then move it into place in one step; a failure leaves no partial folder."""
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        write_json_atomic(staging / report_name, report)
+        publish_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
 def publish_dir(staging: Path, final: Path) -> None:
     """Move a fully written staging folder into place, replacing ``final`` only once the new one is complete."""
     if final.exists():

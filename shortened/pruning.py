@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from shortened.blocks import block_param_counts, find_blocks, remove_blocks
 from shortened.criteria import DATA_FREE, BlockScores, ScoringContext, get_criterion
 from shortened.errors import ShortenedError
-from shortened.io import check_output_dir, publish_dir, write_json_atomic
+from shortened.io import save_model_dir
 from shortened.models import count_params
 
 PRUNING_JSON = "pruning.json"
@@ -131,16 +129,5 @@ def prune(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_fi
 def save_pruned(result: PruneResult, out: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, *,
                 overwrite: bool = False) -> Path:
     """Write model, tokenizer and ``pruning.json`` to a staging folder, then move it into place in one step."""
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        result.model.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        write_json_atomic(staging / PRUNING_JSON, result.report)
-        publish_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    return save_model_dir(out, result.model, tokenizer, report_name=PRUNING_JSON, report=result.report,
+                          overwrite=overwrite)

@@ -11,7 +11,6 @@ Qwen2/3, ...)."""
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -22,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shortened.blocks import find_blocks, text_config
 from shortened.errors import ShortenedError
-from shortened.io import check_output_dir, publish_dir, write_json_atomic
+from shortened.io import save_model_dir
 from shortened.models import count_params
 
 WIDTH_JSON = "width_pruning.json"
@@ -199,14 +198,5 @@ def save_width_pruned(model: PreTrainedModel, plan: WidthPlan, out: str | Path,
                       tokenizer: PreTrainedTokenizerBase | None = None, *, source: str | None = None,
                       params_before: int | None = None, overwrite: bool = False) -> Path:
     """A standard HF folder (loadable with ``from_pretrained``) with ``width_pruning.json`` beside it."""
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
-    write_json_atomic(staging / WIDTH_JSON, {"model": source, "params_before": params_before,
-                                             "params_after": count_params(model), **asdict(plan)})
-    publish_dir(staging, out)
-    return out
+    return save_model_dir(out, model, tokenizer, report_name=WIDTH_JSON, overwrite=overwrite, report={
+        "model": source, "params_before": params_before, "params_after": count_params(model), **asdict(plan)})

@@ -21,7 +21,7 @@ from shortened.sweep.config import SweepConfig
 from shortened.sweep.selection import Choice, lower_is_better, metric_value, select, within
 from shortened.sweep.store import ResultsStore
 from shortened.sweep.trial import (DENSE, RESULT_JSON, TrialSpec, compute_scores, grid_specs, longest_first, run_trial,
-                                   scores_path, speed_stage, trial_dir)
+                                   scores_path, speed_stage, trial_dir, trial_scale)
 
 log = logging.getLogger(__name__)
 SWEEP_JSON = "sweep.json"
@@ -77,10 +77,12 @@ def preflight(cfg: SweepConfig) -> None:
 def check_trial_fits(cfg: SweepConfig) -> None:
     """Per node, not just in total: a trial's training workers (with their placement strategy) and its prune/evaluate
     task must each be placeable, or Ray would wait for them forever."""
-    r = cfg.resources
+    from shortened.training.retrain import worker_bundle  # (imports the training stack)
+
     if any(m != "none" for m in cfg.methods):
-        check_placement(r.workers_per_trial, {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu
-                                                                           else {})}, r.placement_strategy)
+        scale = trial_scale(cfg)
+        check_placement(scale.num_workers, worker_bundle(scale), scale.placement_strategy)
+    r = cfg.resources
     check_placement(1, {"CPU": r.task_cpu, "GPU": r.task_gpu})
 
 

@@ -213,16 +213,23 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, run_task: RunTask = inline,
     return out
 
 
+def trial_scale(cfg: SweepConfig):
+    """The Ray Train scale of a trial's retraining, from the config's resources."""
+    from shortened.training.retrain import ScaleConfig
+
+    r = cfg.resources
+    return ScaleConfig(num_workers=r.workers_per_trial, use_gpu=r.use_gpu, cpus_per_worker=r.cpus_per_worker,
+                       gpus_per_worker=r.gpus_per_worker, placement_strategy=r.placement_strategy)
+
+
 def _retrain(cfg: SweepConfig, spec: TrialSpec, pruned: str, out: str, worker_env: dict[str, str] | None) -> int:
     """Heal with a nested Ray Train run named after the trial (re-running it resumes from its checkpoints)."""
-    from shortened.training.retrain import ScaleConfig, retrain
+    from shortened.training.retrain import retrain
 
     final = Path(out) / "retraining.json"
     if not final.is_file():
         r = cfg.resources
-        scale = ScaleConfig(num_workers=r.workers_per_trial, use_gpu=r.use_gpu, cpus_per_worker=r.cpus_per_worker,
-                            gpus_per_worker=r.gpus_per_worker, placement_strategy=r.placement_strategy)
-        retrain(pruned, out, cfg.train.model_copy(update={"method": spec.method}), scale=scale,
+        retrain(pruned, out, cfg.train.model_copy(update={"method": spec.method}), scale=trial_scale(cfg),
                 storage_path=str(cfg.experiment_dir() / "train"), name=spec.key, max_failures=r.max_failures,
                 overwrite=True, worker_env=worker_env)
     phases = [final]

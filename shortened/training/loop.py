@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
+from shortened.cluster import node_id
 from shortened.data import PackedStream, take
 from shortened.training.config import TrainConfig
 from shortened.training.deepspeed_config import deepspeed_config, resolve_precision
@@ -228,15 +229,7 @@ def _maybe_fail(rank: int, step: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-@functools.lru_cache(maxsize=1)
-def _node_id() -> str:
-    """The Ray node this process runs on ("local" outside Ray)."""
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-    except Exception:
-        return "local"
+_node_id = functools.lru_cache(maxsize=1)(node_id)  # asked once per micro-batch by the token log
 
 
 def _log_tokens(path: Path, rank: int, step: int, micro: int, ids: torch.Tensor) -> None:
