@@ -1,5 +1,5 @@
-"""The ``shortened`` command line: one verb per job (``score``, ``prune``, ``prune-width``, ``retrain``, ``eval``, ``data``, ``sweep``,
-``results``, ``select``, ``report``)."""
+"""The ``shortened`` command line: one verb per job (``score``, ``prune``, ``prune-width``, ``retrain``, ``eval``,
+``data``, ``sweep``, ``results``, ``select``, ``report``)."""
 
 from __future__ import annotations
 
@@ -263,15 +263,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _width_target(args: argparse.Namespace, params: int) -> int:
-    """The parameter count --ratio, --params or --like asks for."""
+def _width_target(args: argparse.Namespace) -> int | None:
+    """The parameter count --params or --like asks for (None for --ratio, which needs the model); bad input fails
+    here, before the model loads."""
     from shortened.pruning import check_ratio
 
     if args.ratio is not None:
         check_ratio(args.ratio)
-        return int(params * (1 - args.ratio))
+        return None
     if args.params is not None:
         return args.params
+    if not Path(args.like).is_dir():
+        raise ShortenedError(f"--like {args.like}: no such folder")
     report = Path(args.like) / "pruning.json"
     if not report.is_file():
         raise ShortenedError(f"--like {args.like}: no pruning.json there (a folder written by `shortened prune`)")
@@ -288,12 +291,11 @@ def cmd_prune_width(args: argparse.Namespace) -> int:
     from shortened.width import plan_for_params, prune_width, save_width_pruned, width_scores
 
     check_output_dir(args.out, args.overwrite)
-    if args.like is not None and not Path(args.like).is_dir():
-        raise ShortenedError(f"--like {args.like}: no such folder")
+    target = _width_target(args)
     model = load_model(args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model, gguf_file=args.gguf_file)
     before = count_params(model)
-    plan = plan_for_params(model, _width_target(args, before), args.score)
+    plan = plan_for_params(model, int(before * (1 - args.ratio)) if target is None else target, args.score)
     calibration = None
     if args.score == "activation":
         calibration = calibration_windows(tokenizer, CalibrationConfig(
@@ -301,9 +303,9 @@ def cmd_prune_width(args: argparse.Namespace) -> int:
     prune_width(model, plan, width_scores(model, args.score, calibration))
     out = save_width_pruned(model, plan, args.out, tokenizer, source=args.model, params_before=before,
                             overwrite=args.overwrite)
+    after = count_params(model)
     print(json.dumps({"out": str(out), "groups_removed": plan.groups, "channels_removed": plan.channels,
-                      "params_before": before, "params_after": count_params(model),
-                      "ratio_actual": round(1 - count_params(model) / before, 4)}))
+                      "params_before": before, "params_after": after, "ratio_actual": round(1 - after / before, 4)}))
     return 0
 
 
