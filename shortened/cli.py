@@ -389,6 +389,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print("| metric | dataset/task | value | protocol |\n|---|---|---|---|")
     for r in metric_rows(result):
         print(f"| {r['name']} | {r['dataset']} | {r['value']:.4f} | {r['protocol']} |")
+    weak = [t for t in result.get("zeroshot", {}).get("tasks", []) if not t["above_chance"]]
+    if weak:
+        print("\nnot above chance (within 2 standard errors of guessing, or below): " + ", ".join(
+            f"{t['task']} {t['value']:.4f} (chance {t['chance']:.2f}, {t['items']} items)" for t in weak))
     if "speed" in result:
         from shortened.evaluation.speed import speed_table
 

@@ -14,7 +14,7 @@ from shortened.blocks import remove_blocks
 from shortened.evaluation import EvalConfig, evaluate, metric_rows
 from shortened.evaluation.perplexity import evaluate_ppl, load_rows, ppl_windows
 from shortened.evaluation.speed import compare_speed
-from shortened.evaluation.zeroshot import TASKS, evaluate_zeroshot, load_docs
+from shortened.evaluation.zeroshot import TASKS, above_chance, evaluate_zeroshot, load_docs
 from tiny_models import tiny_model
 
 
@@ -106,8 +106,23 @@ def test_zero_shot_through_lm_eval_equals_a_hand_computation(tiny, smollm2_token
               for d in load_docs("winogrande")[0][:n])
     assert rows["winogrande"]["acc"] == pytest.approx(acc / n)
     assert rows["arc_easy"]["items"] == n and rows["arc_easy"]["items_total"] == 2376
+    p = rows["piqa"]["value"]
+    assert rows["piqa"]["stderr"] == pytest.approx((p * (1 - p) / (n - 1)) ** 0.5)
+    assert res["mean_stderr"] == pytest.approx(sum(r["stderr"] ** 2 for r in res["tasks"]) ** 0.5 / 3)
+    assert all(not r["above_chance"] for r in res["tasks"])  # 6 items of a random model prove nothing
     assert res["mean"] == pytest.approx(sum(r["value"] for r in res["tasks"]) / 3) and not res["complete"]
     assert res["lm_eval_version"] == "0.4.13"
+
+
+@pytest.mark.parametrize("value,chance,n,above", [
+    (0.378, 0.5, 3270, False),  # a model answering "no" to every BoolQ item
+    (0.55, 0.5, 3270, True),    # 5.7 standard errors above guessing
+    (0.55, 0.5, 100, False),    # 1 standard error: could be luck
+    (0.30, 0.25, 10042, True),  # HellaSwag-sized: 11.5 standard errors
+    (0.25, 0.25, 10042, False),
+])
+def test_above_chance_is_a_two_standard_error_test(value, chance, n, above):
+    assert above_chance(value, chance, n) is above
 
 
 def test_zero_shot_response_cache_resumes_and_is_keyed_by_the_weights(tiny, smollm2_tokenizer, tmp_path):
@@ -163,7 +178,9 @@ def test_cli_eval_writes_every_section(tiny_llama_dir, tmp_path, capsys):
     assert r["model_info"]["blocks"] == 8 and r["versions"]["lm_eval"] == "0.4.13"
     names = {(m["name"], m["dataset"]) for m in metric_rows(r)}
     assert ("ppl", "c4") in names and ("acc_norm", "openbookqa") in names and ("latency_s", "gen-b1-n4") in names
-    assert "| ppl | wikitext2 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| ppl | wikitext2 |" in printed
+    assert "not above chance" in printed and "openbookqa" in printed  # 3 items of a random model
 
 
 @pytest.mark.parametrize("args,message", [

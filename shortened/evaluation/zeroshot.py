@@ -135,6 +135,17 @@ def task_config(task: str) -> dict:
             "metadata": {"version": 1.0, "local_file": str(path)}}
 
 
+def accuracy_stderr(p: float, n: int) -> float:
+    """Standard error of an accuracy ``p`` over ``n`` items (the sample standard error lm-eval reports)."""
+    return (p * (1 - p) / (n - 1)) ** 0.5 if n > 1 else 0.0
+
+
+def above_chance(value: float, chance: float, n: int) -> bool:
+    """Whether ``value`` beats guessing: more than 2 standard errors of a guesser's accuracy over ``n`` items above
+    ``chance`` (a one-sided test at about 2%)."""
+    return value - chance > 2 * (chance * (1 - chance) / n) ** 0.5
+
+
 def weights_digest(model: PreTrainedModel) -> str:
     """A short hash of the parameters' names, dtypes and values: which model a cached response belongs to."""
     import hashlib
@@ -171,12 +182,13 @@ def evaluate_zeroshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     for t in names:
         key = PREFIX + t if source == "local" else TASKS[t].hub_task
         res = out["results"][key]
-        metric = TASKS[t].metric
-        rows.append({"metric": metric, "task": t, "value": float(res[f"{metric},none"]),
+        metric, chance = TASKS[t].metric, TASKS[t].chance
+        value, items = float(res[f"{metric},none"]), int(out["n-samples"][key]["effective"])
+        rows.append({"metric": metric, "task": t, "value": value, "stderr": accuracy_stderr(value, items),
                      "acc": float(res["acc,none"]), "acc_norm": float(res.get("acc_norm,none", res["acc,none"])),
-                     "items": int(out["n-samples"][key]["effective"]), "items_total": int(out["n-samples"][key]
-                                                                                           ["original"]),
-                     "chance": TASKS[t].chance, "source": source})
+                     "items": items, "items_total": int(out["n-samples"][key]["original"]),
+                     "chance": chance, "above_chance": above_chance(value, chance, items), "source": source})
     mean = sum(r["value"] for r in rows) / len(rows)
-    return {"tasks": rows, "mean": mean, "complete": len(names) == len(TASKS), "limit": limit,
-            "lm_eval_version": lm_eval.__version__, "seconds": time.perf_counter() - start}
+    mean_stderr = sum(r["stderr"] ** 2 for r in rows) ** 0.5 / len(rows)
+    return {"tasks": rows, "mean": mean, "mean_stderr": mean_stderr, "complete": len(names) == len(TASKS),
+            "limit": limit, "lm_eval_version": lm_eval.__version__, "seconds": time.perf_counter() - start}
