@@ -32,7 +32,7 @@ from shortened.blocks import find_blocks, remove_blocks
 from shortened.data.calibration import CalibrationConfig, calibration_windows
 from shortened.evaluation.perplexity import evaluate_ppl
 from shortened.evaluation.speed import compare_speed, speed_table
-from shortened.evaluation.zeroshot import accuracy_stderr, evaluate_zeroshot
+from shortened.evaluation.zeroshot import accuracy_stderr, evaluate_zeroshot, mean_stderr
 from shortened.io import write_json_atomic
 from shortened.models import count_params, load_model, load_tokenizer, materialize
 from shortened.pruning import allowed_blocks, blocks_for_ratio, prune, save_pruned, score_blocks
@@ -115,8 +115,7 @@ def zs(r: dict, limit: int, without: str | None = None) -> str:
     task). BoolQ is worth leaving out on a model this small: it answers one way for nearly every item, so BoolQ
     swings between about 0.38 and 0.62 when pruning flips that preference and drowns the other six."""
     t = [v for k, v in r["tasks"].items() if k != without]
-    se = sum(accuracy_stderr(p, limit) ** 2 for p in t) ** 0.5 / len(t)
-    return f"{sum(t) / len(t):.3f} ± {se:.3f}"
+    return f"{sum(t) / len(t):.3f} ± {mean_stderr([accuracy_stderr(p, limit) for p in t]):.3f}"
 
 
 def criteria_table(res: dict) -> tuple[list[str], list[list[str]]]:

@@ -180,7 +180,8 @@ def test_cli_eval_writes_every_section(tiny_llama_dir, tmp_path, capsys):
     assert ("ppl", "c4") in names and ("acc_norm", "openbookqa") in names and ("latency_s", "gen-b1-n4") in names
     printed = capsys.readouterr().out
     assert "| ppl | wikitext2 |" in printed
-    assert "not above chance" in printed and "openbookqa" in printed  # 3 items of a random model
+    (weak,) = [line for line in printed.splitlines() if line.startswith("not above chance")]
+    assert "openbookqa" in weak  # 3 items of a random model
 
 
 @pytest.mark.parametrize("args,message", [

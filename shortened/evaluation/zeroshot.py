@@ -140,6 +140,11 @@ def accuracy_stderr(p: float, n: int) -> float:
     return (p * (1 - p) / (n - 1)) ** 0.5 if n > 1 else 0.0
 
 
+def mean_stderr(stderrs: Sequence[float]) -> float:
+    """Standard error of the mean of independent task scores with these standard errors."""
+    return sum(se ** 2 for se in stderrs) ** 0.5 / len(stderrs)
+
+
 def above_chance(value: float, chance: float, n: int) -> bool:
     """Whether ``value`` beats guessing: more than 2 standard errors of a guesser's accuracy over ``n`` items above
     ``chance`` (a one-sided test at about 2%)."""
@@ -189,6 +194,5 @@ def evaluate_zeroshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
                      "items": items, "items_total": int(out["n-samples"][key]["original"]),
                      "chance": chance, "above_chance": above_chance(value, chance, items), "source": source})
     mean = sum(r["value"] for r in rows) / len(rows)
-    mean_stderr = sum(r["stderr"] ** 2 for r in rows) ** 0.5 / len(rows)
-    return {"tasks": rows, "mean": mean, "mean_stderr": mean_stderr, "complete": len(names) == len(TASKS),
+    return {"tasks": rows, "mean": mean, "mean_stderr": mean_stderr([r["stderr"] for r in rows]), "complete": len(names) == len(TASKS),
             "limit": limit, "lm_eval_version": lm_eval.__version__, "seconds": time.perf_counter() - start}

@@ -12,12 +12,15 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
 from shortened.io import write_json_atomic
 from shortened.sweep.config import SweepConfig
+
+if TYPE_CHECKING:
+    from shortened.training.retrain import ScaleConfig
 
 DENSE = "dense"
 RESULT_JSON = "result.json"
@@ -213,7 +216,7 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, run_task: RunTask = inline,
     return out
 
 
-def trial_scale(cfg: SweepConfig):
+def trial_scale(cfg: SweepConfig) -> ScaleConfig:
     """The Ray Train scale of a trial's retraining, from the config's resources."""
     from shortened.training.retrain import ScaleConfig
 
