@@ -198,6 +198,17 @@ def test_cli_eval_bad_input(tiny_llama_dir, tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err and not out.exists()
 
 
+def test_cli_eval_refuses_a_file_as_zeroshot_cache_before_loading(tiny_llama_dir, tmp_path, capsys):
+    from shortened.cli import main
+
+    out, not_a_folder = tmp_path / "r.json", tmp_path / "cache.db"
+    not_a_folder.write_text("x")
+    assert main(["eval", "--model", str(tmp_path / "no-model"), "--tasks", "piqa", "--zeroshot-cache",
+                 str(not_a_folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "zeroshot_cache" in err and "is not a folder" in err and not out.exists()
+
+
 def test_evaluate_config_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown perplexity dataset"):
         EvalConfig(ppl=["wiki"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -42,6 +43,13 @@ class EvalConfig(BaseModel):
         unknown = [d for d in v if d not in PPL_DATASETS]
         if unknown:
             raise ValueError(f"unknown perplexity dataset(s) {unknown}; choose from {', '.join(PPL_DATASETS)}")
+        return v
+
+    @field_validator("zeroshot_cache")
+    @classmethod
+    def _cache_is_a_folder(cls, v: str | None) -> str | None:
+        if v is not None and Path(v).exists() and not Path(v).is_dir():
+            raise ValueError(f"{v} exists and is not a folder (the response cache is a folder of files)")
         return v
 
     @field_validator("tasks")
