@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from shortened.errors import ShortenedError
@@ -45,9 +46,12 @@ def check_output_file(path: str | Path, overwrite: bool) -> Path:
 
 
 def save_model_dir(out: str | Path, model, tokenizer=None, *, report_name: str, report: dict,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, verify: Callable[[Path], None] | None = None) -> Path:
     """Write an HF model (``save_pretrained``), its tokenizer and a JSON report to a staging folder beside ``out``,
-    then move it into place in one step; a failure leaves no partial folder."""
+    then move it into place in one step; a failure leaves no partial folder.
+
+    ``verify(staging)`` runs on the complete staging folder before it is published; whatever it raises removes
+    the staging folder and propagates, so a folder that fails the check never appears at ``out``."""
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -56,6 +60,8 @@ def save_model_dir(out: str | Path, model, tokenizer=None, *, report_name: str, 
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         write_json_atomic(staging / report_name, report)
+        if verify is not None:
+            verify(staging)
         publish_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
