@@ -133,6 +133,24 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
+def generation_pad_id(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> int:
+    """The id ``generate`` pads with: ``generation_config.pad_token_id``, else the first EOS id (``eos_token_id`` is
+    a list on Llama-3.x-Instruct, Qwen2.5 and Gemma-3), else the tokenizer's pad/EOS, else 0."""
+    cfg = getattr(model, "generation_config", None)
+    candidates = [getattr(cfg, "pad_token_id", None), getattr(cfg, "eos_token_id", None),
+                  getattr(model.config, "pad_token_id", None), getattr(model.config, "eos_token_id", None)]
+    if tokenizer is not None:
+        candidates += [tokenizer.pad_token_id, tokenizer.eos_token_id]
+    for value in candidates:
+        if isinstance(value, torch.Tensor):
+            value = value.flatten().tolist()
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
 def count_params(module: torch.nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())

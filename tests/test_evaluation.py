@@ -162,6 +162,21 @@ def test_speed_forces_output_length_and_compares_models(tiny, smollm2_tokenizer)
             assert r["speedup_vs_baseline"] == 1.0
 
 
+@pytest.mark.parametrize("eos,pad,expected", [([2, 0], None, 2), ([5, 7], 3, 3), (9, None, 9)])
+def test_speed_pads_with_pad_else_the_first_eos_when_eos_is_a_list(smollm2_tokenizer, eos, pad, expected):
+    """Llama-3.x-Instruct, Qwen2.5 and Gemma-3 ship ``eos_token_id`` as a list; generate() refuses a list as pad."""
+    from shortened.evaluation.speed import generate_once
+    from shortened.models import generation_pad_id
+
+    model = tiny_model("llama", vocab_size=len(smollm2_tokenizer), eos_token_id=eos, pad_token_id=pad).eval()
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, pad
+    assert generation_pad_id(model) == expected
+    ids = smollm2_tokenizer(["a b c"], return_tensors="pt").input_ids
+    assert generate_once(model, ids, 4)[1] == 4
+    rows = compare_speed({"model": (model, smollm2_tokenizer)}, new_tokens=[3], repeats=1, warmup=0, progress=False)
+    assert rows[0]["new_tokens"] == 3
+
+
 # -- the command --------------------------------------------------------------------------------------------------
 
 def test_cli_eval_writes_every_section(tiny_llama_dir, tmp_path, capsys):

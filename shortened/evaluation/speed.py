@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shortened.errors import ShortenedError
+from shortened.models import generation_pad_id
 
 PROMPT = "The three most important things to know about"
 
@@ -58,14 +59,16 @@ def peak_memory(device: torch.device):
 
 
 @torch.no_grad()
-def generate_once(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, int]:
-    """Seconds for one greedy generation of exactly ``new_tokens`` tokens per row, and the tokens made."""
+def generate_once(model: PreTrainedModel, input_ids: torch.Tensor, new_tokens: int,
+                  pad_token_id: int | None = None) -> tuple[float, int]:
+    """Seconds for one greedy generation of exactly ``new_tokens`` tokens per row, and the tokens made. Pads with
+    ``pad_token_id`` (default: :func:`~shortened.models.generation_pad_id`, never a list of EOS ids)."""
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda *_: None)
     sync()
     start = time.perf_counter()
     out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                         pad_token_id=model.generation_config.eos_token_id or 0)
+                         pad_token_id=generation_pad_id(model) if pad_token_id is None else pad_token_id)
     sync()
     made = out.shape[1] - input_ids.shape[1]
     if made != new_tokens:
@@ -88,14 +91,16 @@ def compare_speed(models: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBa
                 times: dict[str, list[float]] = {name: [] for name in models}
                 mem: dict[str, dict] = {}
                 inputs = {}
+                pads = {}
                 for name, (model, tok) in models.items():
                     model.eval()
+                    pads[name] = generation_pad_id(model, tok)
                     inputs[name] = tok([prompt] * bs, return_tensors="pt", add_special_tokens=False
                                        ).input_ids.to(model.device)
                 for r in range(warmup + repeats):  # alternate models within each round
                     for name, (model, _) in models.items():
                         with peak_memory(model.device) as peak:
-                            seconds, _ = generate_once(model, inputs[name], n)
+                            seconds, _ = generate_once(model, inputs[name], n, pads[name])
                         if r >= warmup:
                             times[name].append(seconds)
                             old = mem.get(name, {"mb": 0.0, "delta_mb": 0.0})
