@@ -6,11 +6,14 @@ shifts them) except where :data:`IGNORE_INDEX` masks a prompt out of the loss.
 
 from __future__ import annotations
 
+import re
+
 from transformers import PreTrainedTokenizerBase
 
 from shortened.data.config import DataConfig
 
 IGNORE_INDEX = -100
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # The Stanford Alpaca template, as LLM-Pruner and Shortened-LLaMA use it for LoRA.
 ALPACA_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -22,16 +25,25 @@ ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. "
 
 
 def record_problem(record: dict, cfg: DataConfig) -> str | None:
-    """Why a record cannot be used (counted as a bad line), or None."""
+    """Why a record cannot be used (counted as a bad line), or None.
+
+    The fields the format tokenizes must be strings of valid Unicode: a lone UTF-16 surrogate (JSON's
+    ``"\\ud83d"`` without its pair) cannot be encoded to UTF-8, so the tokenizer would fail on it.
+    """
     if cfg.format == "alpaca":
         for key in ("instruction", "output"):
             if not isinstance(record.get(key), str):
                 return f"no string {key!r} (Alpaca records need instruction, output and optionally input)"
         if not isinstance(record.get("input", ""), str):
             return "'input' is not a string"
-        return None
-    if not isinstance(record.get(cfg.text_field), str):
-        return f"no string {cfg.text_field!r} field"
+        fields: tuple[str, ...] = ("instruction", "input", "output")
+    else:
+        if not isinstance(record.get(cfg.text_field), str):
+            return f"no string {cfg.text_field!r} field"
+        fields = (cfg.text_field,)
+    for key in fields:
+        if _SURROGATE.search(record.get(key, "")):
+            return f"invalid Unicode (a lone UTF-16 surrogate in {key!r})"
     return None
 
 

@@ -114,7 +114,10 @@ class DocumentStream:
                     for copy in range(first_copy, self._copies(record, key, epoch)):
                         yielded = True
                         yield Document(record, key, Position(epoch, si, line, index, copy))
-                self.bad.check()
+            # The bad share is checked from BadLines.min_lines lines on, and here at the end of the epoch: not at the
+            # end of each shard, where a small first shard with one damaged line (or an empty shard) would stop a
+            # corpus whose damage is well within max_bad_fraction.
+            self.bad.check()
             if fresh and not yielded:
                 raise ShortenedError(f"data source {self.source!r}: rank {self.rank} of {w} got no documents in "
                                      f"epoch {epoch} ({self._why_empty()})")
@@ -169,7 +172,8 @@ class DocumentStream:
         weight = mixture.get(str(set_name(record, self.cfg.mixture_field)), 0.0)
         whole, frac = divmod(weight, 1.0)
         if frac:
-            digest = hashlib.blake2b(f"{self.cfg.seed}:{epoch}:{key}".encode(), digest_size=8).digest()
+            digest = hashlib.blake2b(f"{self.cfg.seed}:{epoch}:{key}".encode("utf-8", "surrogatepass"),
+                                         digest_size=8).digest()
             whole += int.from_bytes(digest, "little") / 2**64 < frac
         return int(whole)
 
