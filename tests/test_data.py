@@ -331,3 +331,313 @@ def test_cli_data_reports_the_corpus_and_fails_clearly(tmp_path, capsys):
     assert report["lines"] == 545 and report["bad_lines"] == 0
     assert main(["data", str(tmp_path / "nothing-*.jsonl")]) == 2
     assert "glob matches no file" in capsys.readouterr().err
+
+
+# -- damaged shards (issue 16) -------------------------------------------------------------------------------------
+# Each kind of damage costs exactly what it destroys and is counted once; reading goes on within max_bad_fraction.
+
+_WORDS = [f"w{i:x}{'abcdefghij'[i % 10]}" for i in range(4096)]
+
+
+def texts(n: int, seed: int = 0, words: int = 40) -> list[str]:
+    """Documents of pseudo-random words: they compress poorly, so a .zst holds several blocks."""
+    import random
+
+    r = random.Random(seed)
+    return [f"doc {seed}.{i} " + " ".join(r.choice(_WORDS) for _ in range(words)) for i in range(n)]
+
+
+def jsonl(docs: list[str]) -> bytes:
+    return ("\n".join(json.dumps({"text": t}) for t in docs) + "\n").encode()
+
+
+def compress(data: bytes, suffix: str) -> bytes:
+    import gzip
+
+    if suffix.endswith(".zst"):
+        return zstandard.ZstdCompressor().compress(data)
+    if suffix.endswith(".gz"):
+        return gzip.compress(data)
+    return data
+
+
+def read_all(source, **kw) -> tuple[list[str], DocumentStream]:
+    stream = DocumentStream(DataConfig(source=str(source), epochs=1, **kw))
+    return [d.record.get("text") for d in stream], stream
+
+
+BAD_LINES = {  # a line that is one bad line, nothing more
+    "lone high surrogate": b'{"text": "emoji cut in half \\ud83d here"}',
+    "lone low surrogate": b'{"text": "tail only \\udc00"}',
+    "surrogate in another field": b'{"text": "fine", "meta": {"title": "\\uDBFF!"}}',
+    "surrogate in a key": b'{"text": "fine", "\\ud800": 1}',
+    "raw latin-1 byte": b'{"text": "caf\xe9 latin-1"}',
+    "UTF-8 encoded surrogate": b'{"text": "\xed\xa0\xbd cesu-8"}',
+    "raw garbage": bytes(range(128, 256)) + b"\x00\x01",
+}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl.gz", ".jsonl"])
+@pytest.mark.parametrize("kind", list(BAD_LINES))
+def test_a_damaged_line_costs_exactly_that_line(tmp_path, suffix, kind, caplog):
+    docs = texts(300)
+    data = jsonl(docs[:150]) + BAD_LINES[kind] + b"\n" + jsonl(docs[150:])
+    (tmp_path / f"s{suffix}").write_bytes(compress(data, suffix))
+    with caplog.at_level(logging.WARNING, logger="shortened.data.sources"):
+        got, s = read_all(tmp_path, max_bad_fraction=0.01)
+    assert got == docs  # every good line, the 150 after the damaged one included
+    assert (s.bad.lines, s.bad.bad) == (301, 1)
+    assert f"s{suffix}:151: " in s.bad.examples[0]
+    why = "invalid Unicode" if "surrogate" in kind and "UTF-8" not in kind else "not UTF-8"
+    assert why in s.bad.examples[0] and why in caplog.text
+
+
+def test_a_valid_surrogate_pair_is_text_not_damage(tmp_path):
+    (tmp_path / "s.jsonl").write_bytes(b'{"text": "smile \\ud83d\\ude00 and \\uD83C\\uDF89"}\n')
+    got, s = read_all(tmp_path)
+    assert got == ["smile \U0001F600 and \U0001F389"] and s.bad.bad == 0
+
+
+def _truncated_zst(docs):
+    """Three whole frames, then a fourth cut short: the 150 documents of the whole frames survive."""
+    c = zstandard.ZstdCompressor()
+    return b"".join(c.compress(jsonl(docs[i:i + 50])) for i in range(0, 150, 50)) + c.compress(jsonl(docs[150:]))[:60]
+
+
+def _corrupt_middle_zst(docs):
+    """Four frames cut at arbitrary bytes (not at line ends), the second one corrupt: the lines wholly inside it
+    are gone (uncountable), the line joining the first frame's tail to the third frame's head is one bad line."""
+    raw = jsonl(docs)
+    cuts = [0, len(raw) // 4 + 7, len(raw) // 2 + 11, 3 * len(raw) // 4, len(raw)]
+    c = zstandard.ZstdCompressor(write_checksum=True)
+    frames = [c.compress(raw[a:b]) for a, b in zip(cuts, cuts[1:])]
+    second = bytearray(frames[1])
+    for i in range(20, 60):
+        second[i] ^= 0xFF
+    return frames[0] + bytes(second) + frames[2] + frames[3], cuts[1], cuts[2]
+
+
+def _truncated_gz(docs):
+    import gzip
+
+    return gzip.compress(jsonl(docs))[:-len(jsonl(docs)) // 5]
+
+
+def _lines_in(raw: bytes, keep) -> list[str]:
+    """The texts of the whole lines ``[a, b)`` of ``raw`` for which ``keep(a, b)``."""
+    out, at = [], 0
+    for line in raw.split(b"\n")[:-1]:
+        if keep(at, at + len(line) + 1):
+            out.append(json.loads(line)["text"])
+        at += len(line) + 1
+    return out
+
+
+def damaged_shard(kind: str, docs: list[str]) -> tuple[str, bytes, list[str]]:
+    """``(file name, bytes, the documents a correct reader keeps)`` for one kind of damaged shard."""
+    import random
+    import zlib
+
+    garbage = random.Random(5).randbytes(20_000)
+    if kind == "empty .jsonl.zst":
+        return "a.jsonl.zst", b"", []
+    if kind == "empty .jsonl.gz":
+        return "a.jsonl.gz", b"", []
+    if kind == "empty .jsonl":
+        return "a.jsonl", b"", []
+    if kind == "empty .txt":
+        return "a.txt", b"", []
+    if kind == "empty .json":
+        return "a.json", b"", []
+    if kind == "non-UTF-8 .txt":
+        return "a.txt", b"caf\xe9 au lait", []
+    if kind == "all-garbage .jsonl.zst":
+        return "a.jsonl.zst", garbage, []
+    if kind == "all-garbage .jsonl.gz":
+        return "a.jsonl.gz", garbage, []
+    if kind == "truncated .jsonl.zst (frames)":
+        return "a.jsonl.zst", _truncated_zst(docs), docs[:150]
+    if kind == "truncated .jsonl.zst (one frame)":
+        docs = texts(1200, seed=1)  # 290 kB: zstd blocks are 128 kB, and only whole blocks decode
+        data = zstandard.ZstdCompressor().compress(jsonl(docs))
+        cut = data[:2 * len(data) // 3]
+        prefix = zstandard.ZstdDecompressor().decompressobj().decompress(cut)  # what zstd can decode of it
+        assert 0 < prefix.count(b"\n") < len(docs)
+        return "a.jsonl.zst", cut, docs[:prefix.count(b"\n")]
+    if kind == "truncated .jsonl.gz":
+        cut = _truncated_gz(docs)
+        prefix = zlib.decompressobj(wbits=31).decompress(cut)
+        assert 0 < prefix.count(b"\n") < len(docs)
+        return "a.jsonl.gz", cut, docs[:prefix.count(b"\n")]
+    if kind == "truncated .json.gz":
+        import gzip
+
+        return "a.json.gz", gzip.compress(json.dumps([{"text": t} for t in docs]).encode())[:500], []
+    if kind == "corrupt middle zstd frame":
+        data, a, b = _corrupt_middle_zst(docs)
+        return "a.jsonl.zst", data, _lines_in(jsonl(docs), lambda s, e: e <= a or s >= b)
+    if kind == "garbage between zstd frames":
+        c = zstandard.ZstdCompressor()
+        return "a.jsonl.zst", c.compress(jsonl(docs[:100])) + garbage[:300] + c.compress(jsonl(docs[100:])), docs
+    raise KeyError(kind)
+
+
+DAMAGED_SHARDS = ["empty .jsonl.zst", "empty .jsonl.gz", "empty .jsonl", "empty .txt", "empty .json",
+                  "non-UTF-8 .txt", "all-garbage .jsonl.zst", "all-garbage .jsonl.gz", "truncated .jsonl.zst (frames)",
+                  "truncated .jsonl.zst (one frame)", "truncated .jsonl.gz", "truncated .json.gz",
+                  "corrupt middle zstd frame", "garbage between zstd frames"]
+
+
+@pytest.mark.parametrize("kind", DAMAGED_SHARDS)
+def test_a_damaged_shard_counts_once_and_keeps_what_decoded(tmp_path, kind):
+    """The damaged shard sorts first (a small first shard's damage must not stop a corpus within the limit), a
+    good shard of 200 documents follows."""
+    docs, more = texts(200, seed=1), texts(200, seed=2)
+    name, data, kept = damaged_shard(kind, docs)
+    (tmp_path / name).write_bytes(data)
+    (tmp_path / "b.jsonl.zst").write_bytes(compress(jsonl(more), ".zst"))
+    got, s = read_all(tmp_path, max_bad_fraction=0.01)
+    assert got == kept + more
+    assert s.bad.bad == 1 and s.bad.lines == len(kept) + len(more) + 1, s.bad.examples
+    assert s.bad.examples[0].startswith(str(tmp_path / name))
+
+
+def test_a_corrupt_frame_cutting_a_line_is_named_at_that_line(tmp_path):
+    docs = texts(200, seed=1)
+    data, a, _ = _corrupt_middle_zst(docs)
+    (tmp_path / "s.jsonl.zst").write_bytes(data)
+    _, s = read_all(tmp_path, max_bad_fraction=0.01)
+    cut_line = jsonl(docs)[:a].count(b"\n") + 1  # the line the first frame ends inside
+    assert s.bad.examples == [f"{tmp_path / 's.jsonl.zst'}:{cut_line}: corrupt zstd frame (zstd decompressor error: "
+                              f"Data corruption detected); this line is cut by it, skipped"]
+
+
+def test_damaged_shards_within_the_limit_and_beyond(tmp_path):
+    (tmp_path / "a.jsonl.zst").write_bytes(b"")
+    (tmp_path / "b.jsonl.gz").write_bytes(b"")
+    (tmp_path / "c.jsonl").write_bytes(jsonl(texts(98)))
+    got, s = read_all(tmp_path, max_bad_fraction=0.02)
+    assert len(got) == 98 and (s.bad.lines, s.bad.bad) == (100, 2)
+    with pytest.raises(ShortenedError, match=r"2 of 100 lines read were bad \(2.0%\), above max_bad_fraction=0.01; "
+                                             r"first: .*a.jsonl.zst:1: empty file \(0 bytes\)"):
+        read_all(tmp_path, max_bad_fraction=0.01)
+
+
+def _long_window_zst(data: bytes) -> bytes:
+    """A frame whose header asks for zstd's largest window (2 GiB; ``zstd --long=31``), written by a streaming
+    compressor with long-distance matching: valid, but beyond the decoder's default window limit (128 MiB)."""
+    import io
+
+    params = zstandard.ZstdCompressionParameters(window_log=31, enable_ldm=True)
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor(compression_params=params).stream_writer(out, closefd=False) as w:
+        w.write(data)
+    frame = out.getvalue()
+    assert zstandard.get_frame_parameters(frame).window_size == 2**31
+    with pytest.raises(zstandard.ZstdError, match="too much memory"):  # what a default decoder says
+        zstandard.ZstdDecompressor().decompressobj().decompress(frame)
+    return frame
+
+
+VALID_SHARDS = {
+    "long window (window_log 31, LDM)": lambda d: ("s.jsonl.zst", _long_window_zst(jsonl(d))),
+    "long window, several frames": lambda d: ("s.jsonl.zst", _long_window_zst(jsonl(d[:120])) +
+                                              _long_window_zst(jsonl(d[120:]))),
+    "concatenated frames, not at line ends": lambda d: (
+        "s.jsonl.zst", b"".join(zstandard.ZstdCompressor().compress(jsonl(d)[i:i + 3001])
+                                for i in range(0, len(jsonl(d)), 3001))),
+    "skippable and empty frames": lambda d: (
+        "s.jsonl.zst", b"\x50\x2a\x4d\x18" + (6).to_bytes(4, "little") + b"pzstd!" +
+        zstandard.ZstdCompressor().compress(b"") + zstandard.ZstdCompressor().compress(jsonl(d))),
+    "gzip members and zero padding": lambda d: (
+        "s.jsonl.gz", compress(jsonl(d[:50]), ".gz") + compress(jsonl(d[50:]), ".gz") + b"\0" * 64),
+    "a frame holding no data": lambda d: ("s.jsonl.zst", zstandard.ZstdCompressor().compress(b"")),
+}
+
+
+@pytest.mark.parametrize("kind", list(VALID_SHARDS))
+def test_a_valid_shard_the_decoder_needs_settings_for_is_read_in_full(tmp_path, kind):
+    docs = texts(300, seed=3)
+    name, data = VALID_SHARDS[kind](docs)
+    (tmp_path / name).write_bytes(data)
+    (tmp_path / "t.jsonl").write_bytes(jsonl(["a good shard beside it"]))
+    got, s = read_all(tmp_path, max_bad_fraction=0)
+    expected = [] if kind == "a frame holding no data" else docs
+    assert got == expected + ["a good shard beside it"]
+    assert (s.bad.lines, s.bad.bad) == (len(expected) + 1, 0)
+
+
+def test_alpaca_records_with_invalid_unicode_are_bad_lines(tmp_path, smollm2_tokenizer):
+    from shortened.data.formats import record_problem
+
+    good = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}."} for i in range(60)]
+    bad = [{"instruction": "Say \ud83d.", "output": "x"}, {"instruction": "x", "input": "\udc00", "output": "y"},
+           {"instruction": "x", "output": "\udfff"}]
+    records = good[:20] + bad + good[20:]
+    (tmp_path / "alpaca_data.json").write_text(json.dumps(records))  # ensure_ascii: lone surrogates as \u escapes
+    (tmp_path / "more.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    cfg = DataConfig(source=str(tmp_path), format="alpaca", seq_len=16, epochs=1, max_bad_fraction=0.05)
+    stream = PackedStream(cfg, smollm2_tokenizer)
+    blocks = list(stream)
+    assert (stream.bad.lines, stream.bad.bad) == (126, 6)
+    expected = [t for r in good + good for t in encode(r, cfg, smollm2_tokenizer)[0]]
+    assert torch.cat([b["input_ids"] for b in blocks]).tolist() == expected[:len(expected) // 16 * 16]
+    # records that never pass through the JSON reader (hub datasets) are checked on the fields tokenized
+    assert "lone UTF-16 surrogate in 'input'" in record_problem(bad[1], cfg)
+    assert "lone UTF-16 surrogate in 'text'" in record_problem({"text": "a\ud800"}, DataConfig())
+    assert record_problem({"text": "ok", "meta": "\ud800"}, DataConfig()) is None
+
+
+def case08_corpus(root):
+    """Issue 16's corpus, every kind of damage in each format, and the good documents in reading order."""
+    import gzip
+
+    good = texts(900, seed=7, words=30)
+    g = iter(good)
+    take_ = lambda n: [next(g) for _ in range(n)]  # noqa: E731
+    a, b, d, e, f, h = take_(150), take_(150), take_(150), take_(150), take_(150), take_(150)
+    sur = b'{"text": "emoji cut in half \\ud83d here"}\n'
+    (root / "a.jsonl.zst").write_bytes(compress(jsonl(a[:100]) + sur + jsonl(a[100:]), ".zst"))
+    (root / "b.jsonl.zst").write_bytes(compress(jsonl(b[:75]) + b'{"text": "caf\xe9 latin-1"}\n' + jsonl(b[75:]),
+                                                ".zst"))
+    (root / "c.jsonl.zst").write_bytes(b"")
+    (root / "d.jsonl.zst").write_bytes(_truncated_zst(d + texts(50, seed=8)))  # keeps d, the cut frame is lost
+    (root / "e.jsonl.gz").write_bytes(gzip.compress(jsonl(e[:10]) + b'{"text": "\\udc00"}\n' + jsonl(e[10:])) +
+                                      gzip.compress(jsonl(["a line cut short"]))[:-10])  # a truncated member
+    (root / "f.jsonl").write_bytes(jsonl(f[:1]) + b"\x80\x81\n" + jsonl(f[1:]))
+    (root / "g.txt").write_bytes(b"")
+    (root / "h.jsonl.zst").write_bytes(_long_window_zst(jsonl(h)))
+    # damage: a surrogate, a raw line, an empty shard, a truncated frame, a surrogate + a truncated member, a raw
+    # line, an empty .txt = 8 bad lines among 908 read (0.9%, within calibration's default 1%)
+    return a + b + d + e + f + h, 908, 8
+
+
+def test_case08_damaged_corpus_packs_calibrates_and_reports(tmp_path, smollm2_tokenizer, smollm2_hf_dir, capsys):
+    from shortened.cli import main
+    from shortened.data.calibration import CalibrationConfig, calibration_windows
+
+    docs, lines, bad = case08_corpus(tmp_path)
+    cfg = DataConfig(source=str(tmp_path), seq_len=128, epochs=1, max_bad_fraction=0.01)
+    expected = [t for d in docs for t in encode({"text": d}, cfg, smollm2_tokenizer)[0]]
+    stream = PackedStream(cfg, smollm2_tokenizer)
+    blocks, cursors = [], {}
+    for b in stream:
+        blocks.append(b["input_ids"])
+        cursors[len(blocks)] = stream.state_dict()
+    assert (stream.bad.lines, stream.bad.bad) == (lines, bad)
+    assert len(blocks) == len(expected) // 128
+    assert torch.cat(blocks).tolist() == expected[:len(blocks) * 128]
+    for k in (len(blocks) * 4 // 9, len(blocks) * 5 // 9):  # the cursor resumes exactly past the damaged shards
+        resumed = PackedStream(cfg, smollm2_tokenizer)
+        resumed.load_state_dict(cursors[k])
+        assert torch.equal(next(iter(resumed))["input_ids"], blocks[k])
+    windows = calibration_windows(smollm2_tokenizer, CalibrationConfig(source=str(tmp_path), n_samples=8, seq_len=64,
+                                                                       pool_factor=1000))
+    assert windows.shape == (8, 64)
+    starts = {tuple(expected[i:i + 64]) for i in range(0, len(expected) - 63, 64)}
+    assert all(tuple(w.tolist()) in starts for w in windows)  # windows of the good tokens only
+    assert main(["data", str(tmp_path), "--tokenizer", str(smollm2_hf_dir)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["documents"], report["lines"], report["bad_lines"], report["tokens"]) == \
+        (len(docs), lines, bad, len(expected))
+    assert report["shards"] == 8 and "a.jsonl.zst:101: invalid Unicode" in report["bad_examples"][0]
