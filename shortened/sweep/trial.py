@@ -234,7 +234,10 @@ def _retrain(cfg: SweepConfig, spec: TrialSpec, pruned: str, out: str, worker_en
         r = cfg.resources
         retrain(pruned, out, cfg.train.model_copy(update={"method": spec.method}), scale=trial_scale(cfg),
                 storage_path=str(cfg.experiment_dir() / "train"), name=spec.key, max_failures=r.max_failures,
-                overwrite=True, worker_env=worker_env)
+                overwrite=True, worker_env=worker_env, workers_hint="resources.workers_per_trial:")
+    record = json.loads(final.read_text())
+    if "tokens_trained_total" in record:  # every phase (cpt+lora: CPT and LoRA)
+        return int(record["tokens_trained_total"])
     phases = [final]
     if spec.method == "cpt+lora":  # the CPT phase exported beside the runs (see training.retrain.phases_for)
         phases.append(cfg.experiment_dir() / "train" / f"{spec.key}-cpt" / "model" / "retraining.json")

@@ -1,32 +1,53 @@
 """The Ray layer of retraining: one ``TorchTrainer`` run per phase (``cpt+lora`` is two), resumable by name.
 
-Everything that can be checked before workers start is checked here: the model folder, the data source (a
-missing path or empty glob), the output folder, the cluster address, whether every node shares the storage path, and
-whether the cluster can ever place the workers.
+Everything that can be checked before workers start is checked here, once, at entry: local paths (model, teacher,
+data, output, storage) are made absolute, the model folder must hold a config, weights and a tokenizer, the teacher
+must be readable, the data source must list, the output folder must be free, the run name must not belong to another
+retraining (nor to another worker count; see :mod:`~shortened.training.identity`), the cluster must answer, every
+node must share the storage path, and the cluster must be able to place the workers.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from shortened.cluster import check_job_paths, check_placement, check_shared_storage, connect
 from shortened.errors import ShortenedError
+from shortened.training import identity
 from shortened.training.config import TrainConfig
 from shortened.training.loop import Phase, train_worker
 
 log = logging.getLogger(__name__)
+PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass
 class ScaleConfig:
+    """How many Ray Train workers, and what each holds. Checked when built: a bad value is a ShortenedError."""
+
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1
     gpus_per_worker: float = 1
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    def __post_init__(self) -> None:
+        def bad(what: str, value) -> ShortenedError:
+            return ShortenedError(f"bad retrain scale {what} (got {value!r})")
+
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise bad("num_workers (--workers): needs an integer >= 1", self.num_workers)
+        for name in ("cpus_per_worker", "gpus_per_worker"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
+                raise bad(f"{name}: needs a number > 0", v)
+        if self.placement_strategy not in PLACEMENT:
+            raise bad(f"placement_strategy: one of {', '.join(PLACEMENT)}", self.placement_strategy)
 
 
 @dataclass
@@ -41,19 +62,17 @@ def phases_for(model: str, out: str, cfg: TrainConfig, storage_path: str, name: 
     """``cpt+lora`` is CPT exported to ``{storage}/{name}-cpt/model``, then LoRA on it; others one phase."""
     if cfg.method == "cpt+lora":
         mid = str(Path(storage_path) / f"{name}-cpt" / "model")
-        return [Phase(method="cpt", model=model, out=mid, tokens=cfg.train_tokens, train=cfg),
+        return [Phase(method="cpt", model=model, out=mid, tokens=cfg.train_tokens, train=cfg, run=f"{name}-cpt"),
                 Phase(method="lora", model=mid, out=out, tokens=cfg.lora.train_tokens or cfg.train_tokens,
-                      train=cfg)]
+                      train=cfg, run=f"{name}-lora", earlier=[mid])]
     if cfg.method == "distill":
-        return [Phase(method="distill", model=model, out=out, tokens=cfg.train_tokens, train=cfg,
+        return [Phase(method="distill", model=model, out=out, tokens=cfg.train_tokens, train=cfg, run=name,
                       teacher=teacher or find_teacher(model, cfg))]
-    return [Phase(method=cfg.method, model=model, out=out, tokens=cfg.train_tokens, train=cfg)]
+    return [Phase(method=cfg.method, model=model, out=out, tokens=cfg.train_tokens, train=cfg, run=name)]
 
 
 def find_teacher(model: str, cfg: TrainConfig) -> str:
     """The unpruned model: ``distill.teacher``, else the ``model`` recorded in the pruned folder's pruning.json."""
-    import json
-
     if cfg.distill.teacher:
         return cfg.distill.teacher
     plan = Path(model) / "pruning.json"
@@ -65,12 +84,75 @@ def find_teacher(model: str, cfg: TrainConfig) -> str:
                          "pruning.json names the original model")
 
 
+# -- checks and path resolution at entry ----------------------------------------------------------------------------
+
+def is_local_source(source: str) -> bool:
+    """A data source that is a local path (not the alias, a hub dataset or an fsspec URL)."""
+    from shortened.data.config import SLIMPAJAMA_SAMPLE
+
+    return source != SLIMPAJAMA_SAMPLE and not source.startswith("hf:") and "://" not in source
+
+
+def absolute_data(cfg: TrainConfig) -> TrainConfig:
+    """The config with a local data source (file, folder or glob) made absolute, as the workers must see it."""
+    src = cfg.data.source
+    if not is_local_source(src):
+        return cfg
+    resolved = os.path.abspath(os.path.expanduser(src))
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": resolved})})
+
+
+def check_model_folder(model: str, what: str = "--model") -> None:
+    """A local HF model folder the workers can load: config.json, weight files and a tokenizer."""
+    p = Path(model)
+    if not (p / "config.json").is_file():
+        raise ShortenedError(f"{what} {model!r}: not a Hugging Face model folder (no config.json); prune or "
+                             "materialize the model first")
+    if not any(f.is_file() and f.name.endswith(identity.WEIGHT_SUFFIXES) for f in p.iterdir()):
+        raise ShortenedError(f"{what} {model!r}: the folder has config.json but no weight files (*.safetensors, "
+                             "*.bin); save the model with save_pretrained")
+    from shortened.models import load_tokenizer
+
+    try:
+        load_tokenizer(model)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+        raise ShortenedError(f"{what} {model!r}: no usable tokenizer in the folder (training tokenizes the data "
+                             f"with the model's tokenizer): {exc}") from exc
+
+
+def resolve_teacher(spec: str, where: str) -> str:
+    """A distillation teacher as the workers will load it: a local folder or .gguf made absolute (and checked), the
+    ``smollm2`` alias as is, or a hub id whose config is readable from here."""
+    from shortened.models import SMOLLM2_ALIAS, resolve_source
+
+    if spec == SMOLLM2_ALIAS:
+        return spec
+    path = Path(spec).expanduser()
+    if path.exists():
+        absolute = str(path.resolve())
+        src = resolve_source(absolute)
+        if not src.gguf_file:
+            check_model_folder(absolute, f"distill teacher ({where})")
+        return absolute
+    try:
+        src = resolve_source(spec)
+    except ShortenedError as exc:
+        raise ShortenedError(f"distill teacher {spec!r} ({where}): {exc} (relative paths are taken from "
+                             f"{os.getcwd()})") from exc
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(src.path)
+    except Exception as exc:  # noqa: BLE001
+        raise ShortenedError(f"distill teacher {spec!r} ({where}) is no local path (relative to {os.getcwd()}) and "
+                             f"not a readable hub model: {exc}") from exc
+    return spec
+
+
 def check_inputs(model: str, out: str, cfg: TrainConfig, overwrite: bool) -> None:
     from shortened.data import DocumentStream
 
-    if not (Path(model) / "config.json").is_file():
-        raise ShortenedError(f"--model {model!r}: not a Hugging Face model folder (no config.json); prune or "
-                             "materialize the model first")
+    check_model_folder(model)
     DocumentStream(cfg.data)  # resolves the source: a missing path or an empty glob fails here
     o = Path(out)
     if o.exists() and any(o.iterdir()) and not overwrite:
@@ -81,37 +163,69 @@ def worker_bundle(scale: ScaleConfig) -> dict[str, float]:
     return {"CPU": scale.cpus_per_worker, **({"GPU": scale.gpus_per_worker} if scale.use_gpu else {})}
 
 
+def run_records(phases: list[Phase], scale: ScaleConfig) -> list[dict]:
+    """The identity record of each phase's Ray Train run (a later phase's model is the earlier phase's output, so
+    its fingerprint is the earlier run's identity)."""
+    records: list[dict] = []
+    for phase in phases:
+        if records and phase.model == phases[len(records) - 1].out:
+            fp = f"output of run {records[-1]['run']} ({identity.digest(records[-1])})"
+        else:
+            fp = identity.model_fingerprint(phase.model)
+        teacher_fp = None
+        if phase.teacher and Path(phase.teacher).exists():
+            teacher_fp = identity.model_fingerprint(phase.teacher)
+        records.append({"run": phase.run, "model": phase.model, "model_fingerprint": fp, "method": phase.method,
+                        "teacher": phase.teacher, "teacher_fingerprint": teacher_fp, "tokens": phase.tokens,
+                        "train": phase.train.model_dump(mode="json"), "num_workers": scale.num_workers})
+    return records
+
+
 def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None = None, storage_path: str,
             name: str, max_failures: int = 0, overwrite: bool = False, teacher: str | None = None,
-            worker_env: dict[str, str] | None = None, address: str | None = None) -> RetrainResult:
-    """Run every phase with Ray Train; re-running with the same ``name`` and ``storage_path`` resumes."""
+            worker_env: dict[str, str] | None = None, address: str | None = None,
+            workers_hint: str = "--workers") -> RetrainResult:
+    """Run every phase with Ray Train; re-running with the same ``name`` and ``storage_path`` resumes (only the same
+    retraining, with the same worker count: anything else is refused before workers start)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     scale = scale or ScaleConfig()
+    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
+        raise ShortenedError(f"bad retrain setting max_failures (--max-failures): needs an integer >= 0 "
+                             f"(got {max_failures!r})")
+    if not name or "/" in name or name in (".", ".."):
+        raise ShortenedError(f"bad run name {name!r}: it names a folder under the storage path")
     check_job_paths(out=out, storage_path=storage_path)
     model, out, storage_path = (str(Path(p).expanduser().resolve()) for p in (model, out, storage_path))
+    cfg = absolute_data(cfg)
     check_inputs(model, out, cfg, overwrite)
+    if cfg.method == "distill":
+        where = "--teacher" if teacher else ("distill.teacher" if cfg.distill.teacher else f"{model}/pruning.json")
+        teacher = resolve_teacher(teacher or find_teacher(model, cfg), where)
+    phases = phases_for(model, out, cfg, storage_path, name, teacher)
+    records = run_records(phases, scale)
+    for phase, record in zip(phases, records):
+        identity.check_run(Path(storage_path) / phase.run, record, workers_hint)
     connect(address)
     check_placement(scale.num_workers, worker_bundle(scale), scale.placement_strategy)
     check_shared_storage(storage_path)
-    phases = phases_for(model, out, cfg, storage_path, name, teacher)
     results = []
-    for phase in phases:
-        run_name = name if len(phases) == 1 else f"{name}-{phase.method}"
+    for phase, record in zip(phases, records):
+        identity.write_record(Path(storage_path) / phase.run, record)
         trainer = TorchTrainer(
             train_worker, train_loop_config=phase.model_dump(),
             scaling_config=ScalingConfig(
                 num_workers=scale.num_workers, use_gpu=scale.use_gpu,
                 resources_per_worker=worker_bundle(scale),
                 placement_strategy=scale.placement_strategy),
-            run_config=RunConfig(name=run_name, storage_path=storage_path,
+            run_config=RunConfig(name=phase.run, storage_path=storage_path,
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                                  failure_config=FailureConfig(max_failures=max_failures),
                                  worker_runtime_env={"env_vars": worker_env} if worker_env else None))
         result = trainer.fit()
         if result.error:
             raise result.error
-        results.append({"phase": phase.method, "run": run_name, "metrics": result.metrics,
+        results.append({"phase": phase.method, "run": phase.run, "metrics": result.metrics,
                         "checkpoint": result.checkpoint.path if result.checkpoint else None})
     return RetrainResult(model_dir=out, metrics=results[-1]["metrics"], phases=results)

@@ -1,0 +1,161 @@
+"""What a Ray Train run is, so a name reused for something else never resumes the wrong checkpoint.
+
+A Ray Train run resumes from the last checkpoint under ``storage_path/NAME``. Before workers start, the driver writes
+``shortened-run.json`` there: the model (path and a fingerprint of its config and weight files), the method, the
+teacher, the token budget, the training config and the worker count. A later run under the same name is compared
+with it first: anything that changes what is trained is refused with the fields named, and so is a worker count
+other than the one the checkpoint was written with (its ZeRO partitions and data cursors are per rank).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from shortened.errors import ShortenedError
+
+RUN_JSON = "shortened-run.json"
+# TrainConfig fields that do not change what is trained: a resumed run may change them
+OPERATIONAL = {"report_every_steps", "checkpoint_every_tokens", "keep_checkpoints", "token_log"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+_CHUNK = 1 << 20
+_SAMPLES = 17  # chunks read per weight file (first, last and evenly spaced between): cheap on 100 GB models
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """SHA-256 over a model folder's ``config.json`` and, for every weight file, its name, size and sampled
+    content (a whole file up to 17 MiB, else 17 evenly spaced MiB). Two different models of one shape differ."""
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_file():  # a .gguf file
+        files, root = [p], p.parent
+    else:
+        root = p
+        cfg = p / "config.json"
+        h.update(cfg.read_bytes() if cfg.is_file() else b"")
+        files = sorted(f for f in p.iterdir() if f.is_file() and (f.name.endswith(WEIGHT_SUFFIXES)
+                                                                   or f.name.endswith(".index.json")))
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root)}:{size}\n".encode())
+        with open(f, "rb") as fh:
+            if size <= _CHUNK * _SAMPLES:
+                h.update(fh.read())
+                continue
+            for i in range(_SAMPLES):
+                fh.seek((size - _CHUNK) * i // (_SAMPLES - 1))
+                h.update(fh.read(_CHUNK))
+    return h.hexdigest()
+
+
+def digest(record: dict) -> str:
+    return hashlib.sha256(json.dumps(_compared(record), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _compared(record: dict) -> dict:
+    """The fields that say what is trained (paths are shown, contents compared)."""
+    train = {k: v for k, v in record.get("train", {}).items() if k not in OPERATIONAL}
+    return {"model_fingerprint": record.get("model_fingerprint"), "method": record.get("method"),
+            "teacher": record.get("teacher_fingerprint") or record.get("teacher"), "tokens": record.get("tokens"),
+            "train": train}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """``field (was X, now Y)`` for each field that changes what is trained."""
+    a, b = _flat(_compared(old)), _flat(_compared(new))
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            if k == "model_fingerprint":
+                out.append(f"model (was {old.get('model')}, now {new.get('model')}; the weights/config differ)")
+            elif k == "teacher":
+                out.append(f"teacher (was {old.get('teacher')}, now {new.get('teacher')})")
+            else:
+                out.append(f"{k} (was {a.get(k)!r}, now {b.get(k)!r})")
+    return out
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    return run_dir.is_dir() and (any(run_dir.glob("checkpoint_*"))
+                                 or (run_dir / "checkpoint_manager_snapshot.json").is_file())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint Ray Train would resume from (its snapshot's latest, else the newest folder)."""
+    snap = run_dir / "checkpoint_manager_snapshot.json"
+    if snap.is_file():
+        try:
+            text = snap.read_text()
+            found = [c for c in sorted(run_dir.glob("checkpoint_*")) if c.is_dir() and c.name in text]
+            if found:
+                return found[-1]
+        except OSError:
+            pass
+    found = sorted(c for c in run_dir.glob("checkpoint_*") if c.is_dir())
+    return found[-1] if found else None
+
+
+def checkpoint_world_size(run_dir: Path, record: dict | None = None) -> int | None:
+    """How many workers wrote the run's checkpoint: its per-rank data cursors, else the identity record."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        ranks = list(ckpt.glob("data_cursor_rank*.json"))
+        if ranks:
+            return len(ranks)
+    if record and has_checkpoints(run_dir):
+        return record.get("num_workers")
+    return None
+
+
+def read_record(run_dir: Path) -> dict | None:
+    f = run_dir / RUN_JSON
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ShortenedError(f"Ray Train run {run_dir.name!r}: unreadable identity record {f}: {exc}") from exc
+
+
+def check_run(run_dir: Path, record: dict, workers_hint: str = "--workers") -> None:
+    """Refuse (before workers start) to resume a run that trained something else, or with another worker count."""
+    name = run_dir.name
+    if not has_checkpoints(run_dir):
+        return  # nothing to resume: Ray Train starts fresh, and the record is rewritten
+    old = read_record(run_dir)
+    if old is None:
+        raise ShortenedError(
+            f"Ray Train run {name!r} at {run_dir} has checkpoints but no {RUN_JSON} saying what they are a run of, so "
+            "it cannot be resumed safely: use another run name (--name), or delete that folder to start over")
+    diff = differences(old, record)
+    if diff:
+        raise ShortenedError(
+            f"Ray Train run {name!r} at {run_dir} is a run of another retraining, and its checkpoint must not be "
+            f"resumed by this one: {'; '.join(diff)}. Use another run name (--name), or delete that folder to "
+            "start over")
+    need = checkpoint_world_size(run_dir, old)
+    if need is not None and need != record["num_workers"]:
+        raise ShortenedError(
+            f"Ray Train run {name!r} at {run_dir} was checkpointed by {need} worker(s) (its ZeRO partitions and "
+            f"data cursors are per rank); it resumes only with {need} worker(s), not {record['num_workers']}: "
+            f"use {workers_hint} {need}, or another run name to start over")
+
+
+def write_record(run_dir: Path, record: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{RUN_JSON}.{os.getpid()}"
+    tmp.write_text(json.dumps({**record, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2))
+    os.replace(tmp, run_dir / RUN_JSON)
