@@ -327,17 +327,19 @@ def train_config(args: argparse.Namespace):
              "grad_accum": args.grad_accum, "lr": args.lr, "zero_stage": args.zero_stage}
     fields.update({k: v for k, v in flags.items() if v is not None})
     data = dict(fields.get("data") or {})
-    if args.data:
+    if args.data is not None:
         data["source"] = args.data
-    if args.seq_len:
+    if args.seq_len is not None:  # 0 is refused by the config's range, not replaced by the default
         data["seq_len"] = args.seq_len
     fields["data"] = data
     return validated(TrainConfig, fields, f"retrain setting{f' ({args.config})' if args.config else ''}")
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
+    from shortened.io import check_output
     from shortened.training.retrain import ScaleConfig, retrain
 
+    check_output(args.out, kind="dir", overwrite=args.overwrite, flag="--out")  # before 30 s of Ray start-up
     cfg = train_config(args)
     scale = ScaleConfig(num_workers=args.workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
                         placement_strategy=args.placement)
