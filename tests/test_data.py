@@ -641,3 +641,13 @@ def test_case08_damaged_corpus_packs_calibrates_and_reports(tmp_path, smollm2_to
     assert (report["documents"], report["lines"], report["bad_lines"], report["tokens"]) == \
         (len(docs), lines, bad, len(expected))
     assert report["shards"] == 8 and "a.jsonl.zst:101: invalid Unicode" in report["bad_examples"][0]
+
+
+def test_two_streams_read_the_same_shards_interleaved(tmp_path):
+    """Each open shard decodes in its own zstd context (calibration and a training stream may be open at once)."""
+    docs = texts(400, seed=4)
+    (tmp_path / "s.jsonl.zst").write_bytes(_truncated_zst(docs) + _long_window_zst(jsonl(docs[150:])))
+    one, two = (DocumentStream(DataConfig(source=str(tmp_path), epochs=1, max_bad_fraction=0.01)) for _ in range(2))
+    pairs = list(zip(one, two))
+    assert [a.record["text"] for a, _ in pairs] == [b.record["text"] for _, b in pairs] == docs[:150] + docs[150:]
+    assert one.bad.bad == two.bad.bad == 1

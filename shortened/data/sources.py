@@ -159,6 +159,7 @@ class DecodedStream(io.RawIOBase):
         self.pending, self.out, self.pos, self.eof = b"", b"", 0, False
         self.produced = 0  # decompressed bytes so far (handed out or in ``out``)
         self.raw_bytes = 0
+        self.frame_start = 0  # where the current frame starts in the file
         self.gaps: list[tuple[int, str]] = []
 
     # -- codec --------------------------------------------------------------------------------------------------
@@ -205,10 +206,15 @@ class DecodedStream(io.RawIOBase):
             if not data:
                 return
         if not data:
-            if self.in_frame:
+            if self.in_frame:  # the file ends inside a frame; another may start inside it (a cut write, then more)
                 self.gaps.append((self.produced, f"truncated {self.NAME} at the end of the file"))
+                if self._rescan(self.frame_start + 1):
+                    self.gaps[-1] = (self.produced, f"truncated {self.NAME} (the next one starts inside it)")
+                    return
             self.eof = True
             return
+        if not self.in_frame:
+            self.frame_start = self.raw_bytes - len(data)  # ``data`` is always the tail of the bytes read so far
         try:
             out = self.dec.decompress(data)
         except self.ERRORS as exc:
@@ -221,19 +227,30 @@ class DecodedStream(io.RawIOBase):
         if self._finished():
             self.pending, self.dec, self.in_frame = self._unused(), self._new(), False
 
-    def _resync(self, data: bytes) -> None:
-        """Drop bytes up to the next frame magic (not the one the failing chunk may start with)."""
+    def _resync(self, data: bytes) -> bool:
+        """Drop bytes up to the next frame magic (not the one the failing chunk may start with); False at the end."""
         self.dec, self.in_frame = self._new(), False
-        data = data[1:]
+        data = data[1:] or self._read_raw()
         while data:
             at = data.find(self.MAGIC)
             if at >= 0:
                 self.pending = data[at:]
-                return
+                return True
             tail = data[-(len(self.MAGIC) - 1):]
             more = self._read_raw()
             data = tail + more if more else b""
         self.eof = True
+        return False
+
+    def _rescan(self, offset: int) -> bool:
+        """Look for a frame magic from ``offset`` of the file on (seekable files only); True when one is found.
+        Decoding resumes there, after the frame that ran to the end of the file."""
+        try:
+            self.raw.seek(offset)
+        except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both
+            return False
+        self.raw_bytes = offset
+        return self._resync(b"\0")
 
     def close(self) -> None:
         self.raw.close()
@@ -247,12 +264,13 @@ class ZstdFrames(DecodedStream):
     MAGIC = b"\x28\xb5\x2f\xfd"
     NAME = "zstd frame"
     ERRORS = (zstandard.ZstdError,)
-    _DCTX = None
 
     def _new(self):
-        if ZstdFrames._DCTX is None:
-            ZstdFrames._DCTX = zstandard.ZstdDecompressor(max_window_size=1 << zstandard.WINDOWLOG_MAX)
-        return ZstdFrames._DCTX.decompressobj()
+        # One decompressor per stream: a decompressobj works in its decompressor's context, so two shards open at
+        # once (interleaved streams) must not share one.
+        if not hasattr(self, "dctx"):
+            self.dctx = zstandard.ZstdDecompressor(max_window_size=1 << zstandard.WINDOWLOG_MAX)
+        return self.dctx.decompressobj()
 
 
 class GzipMembers(DecodedStream):
