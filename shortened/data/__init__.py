@@ -2,7 +2,8 @@
 fixed-length blocks, and seeded calibration windows for the pruning criteria.
 
 - :mod:`~shortened.data.config`: :class:`DataConfig`, what to read and how.
-- :mod:`~shortened.data.sources`: shard files on any fsspec filesystem or a hub dataset; bad-line accounting.
+- :mod:`~shortened.data.sources`: shard files on any fsspec filesystem or a hub dataset; damaged input (bad lines,
+  corrupt, truncated or empty shards) skipped and counted once, within ``max_bad_fraction``.
 - :mod:`~shortened.data.stream`: one rank's documents, each with a resumable :class:`Position`.
 - :mod:`~shortened.data.formats`: a record to ``(input_ids, labels)``; Alpaca prompts masked.
 - :mod:`~shortened.data.packing`: :class:`PackedStream`, ``seq_len`` blocks with an exact cursor.

@@ -36,7 +36,9 @@ class DataConfig(BaseModel):
     epochs: int | None = Field(None, ge=1)  # None: cycle forever (training is budgeted in tokens)
     shuffle_shards: bool = False  # a seeded shard order per epoch
     seed: int = 0
-    # Bad lines (not JSON, no text, corrupt compressed data) are skipped and counted; above this share, stop.
+    # Bad lines are skipped and counted: not UTF-8, not JSON, invalid Unicode (a lone surrogate escape), no text;
+    # a corrupt or truncated compressed frame, an empty shard or an undecodable .txt/.json file counts as one bad
+    # line (what decoded before the damage is kept). Above this share of the lines read, stop with an error.
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)  # passed to fsspec (credentials, endpoint)
     hub_options: dict[str, Any] = Field(default_factory=dict)  # passed to datasets.load_dataset
