@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,74 @@ from pathlib import Path
 from shortened.errors import ShortenedError, validated
 
 log = logging.getLogger("shortened")
+
+
+def _number(kind: type, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+            hi_open: bool = False):
+    """An argparse ``type`` for an int or float in a range; argparse names the flag in front of the message
+    (``argument --calib-samples: must be an integer >= 1, got '-3'``) and exits 2 before any work."""
+    what = "an integer" if kind is int else "a number"
+    bounds = []
+    if lo is not None:
+        bounds.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        bounds.append(f"{'<' if hi_open else '<='} {hi:g}")
+    if lo is not None and hi is not None:
+        desc = f"{what} in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    else:
+        desc = " ".join([what, *bounds])
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be {desc}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {desc}, got {text!r}")
+        if lo is not None and (value < lo or (lo_open and value == lo)):
+            raise argparse.ArgumentTypeError(f"must be {desc}, got {text!r}")
+        if hi is not None and (value > hi or (hi_open and value == hi)):
+            raise argparse.ArgumentTypeError(f"must be {desc}, got {text!r}")
+        return value
+
+    parse.__name__ = desc  # argparse's fallback wording ("invalid <name> value") if it ever uses it
+    return parse
+
+
+def _mixture(text: str) -> dict:
+    """``--mixture``: a JSON object of set name -> weight >= 0."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+            for w in value.values()):
+        raise argparse.ArgumentTypeError(f'must be a JSON object of set weights >= 0 (e.g. \'{{"RedPajamaC4": 2}}\'), '
+                                         f"got {text!r}")
+    return value
+
+
+COUNT = _number(int, 1)  # a count of things: >= 1
+NON_NEGATIVE = _number(int, 0)
+SEQ_LEN = _number(int, 2)  # a window needs an input and a target token
+SEED = _number(int, 0)  # numpy's default_rng refuses negative seeds
+
+
+def RATIO(text: str) -> float:  # noqa: N802 (an argparse type, named like the others)
+    """The fraction of parameters removed: [0, 1) (1 would remove everything)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 <= value < 1):
+        raise argparse.ArgumentTypeError(f"ratio {text} must be in [0, 1) (a number, the fraction of parameters "
+                                         "removed)")
+    return value
+
+
+POSITIVE = _number(float, 0, lo_open=True)
+FRACTION = _number(float, 0, 1)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -23,25 +92,32 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
 
 
+def _add_tokenizer_arg(p: argparse.ArgumentParser, why: str) -> None:
+    p.add_argument("--tokenizer", help=f"where the tokenizer is when the --model folder has none (trainer outputs "
+                                       f"often lack one): a folder, hub id or .gguf; {why}")
+
+
 def _add_scoring_args(p: argparse.ArgumentParser) -> None:
     from shortened.criteria import CRITERIA
 
     p.add_argument("--criterion", required=True, help=f"one of: {', '.join(CRITERIA)}")
-    p.add_argument("--keep-first", type=int, default=4, help="never remove the first N blocks (paper: 4)")
-    p.add_argument("--keep-last", type=int, default=2, help="never remove the last N blocks (paper: 2)")
+    p.add_argument("--keep-first", type=NON_NEGATIVE, default=4, help="never remove the first N blocks (paper: 4)")
+    p.add_argument("--keep-last", type=NON_NEGATIVE, default=2, help="never remove the last N blocks (paper: 2)")
     p.add_argument("--calib-source", default="slimpajama-sample",
                    help="corpus for calibration: file, folder, glob, hf:NAME, or slimpajama-sample")
-    p.add_argument("--calib-samples", type=int, default=10, help="calibration samples (paper: 10)")
-    p.add_argument("--calib-seq-len", type=int, default=128, help="tokens per calibration sample (paper: 128)")
-    p.add_argument("--seed", type=int, default=0, help="seed for drawing the calibration windows")
-    p.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward")
+    p.add_argument("--calib-samples", type=COUNT, default=10, help="calibration samples (paper: 10)")
+    p.add_argument("--calib-seq-len", type=SEQ_LEN, default=128, help="tokens per calibration sample (paper: 128)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed for drawing the calibration windows")
+    p.add_argument("--batch-size", type=COUNT, default=1, help="calibration samples per forward")
+    _add_tokenizer_arg(p, "needed for criteria that read calibration text (all but magnitude)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_amount_args(p: argparse.ArgumentParser, required: bool) -> None:
     group = p.add_mutually_exclusive_group(required=required)
-    group.add_argument("--ratio", type=float, help="fraction of parameters to remove, rounded down to whole blocks")
-    group.add_argument("--blocks", type=int, help="number of blocks to remove")
+    group.add_argument("--ratio", type=RATIO, help="fraction of parameters to remove, rounded down to whole blocks "
+                                                    "(in [0, 1))")
+    group.add_argument("--blocks", type=NON_NEGATIVE, help="number of blocks to remove")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,16 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
                                             "block to a parameter budget; saves an HF checkpoint")
     _add_model_args(pw)
     budget = pw.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--ratio", type=float, help="fraction of parameters to remove")
-    budget.add_argument("--params", type=int, help="parameter count to end at (or just under)")
+    budget.add_argument("--ratio", type=RATIO, help="fraction of parameters to remove (in [0, 1))")
+    budget.add_argument("--params", type=COUNT, help="parameter count to end at (or just under)")
     budget.add_argument("--like", help="a depth-pruned folder: match its parameter count (its pruning.json)")
     pw.add_argument("--score", default="activation", choices=["activation", "magnitude"],
                     help="activation: Wanda-style |input| x weight norm on calibration text (default); magnitude: "
                          "weight norms, data-free")
     pw.add_argument("--calib-source", default="slimpajama-sample", help="corpus for activation scores")
-    pw.add_argument("--calib-samples", type=int, default=10)
-    pw.add_argument("--calib-seq-len", type=int, default=128)
-    pw.add_argument("--seed", type=int, default=0)
+    pw.add_argument("--calib-samples", type=COUNT, default=10)
+    pw.add_argument("--calib-seq-len", type=SEQ_LEN, default=128)
+    pw.add_argument("--seed", type=SEED, default=0)
+    _add_tokenizer_arg(pw, "needed for --score activation")
     pw.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     pw.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     pw.set_defaults(func=cmd_prune_width)
@@ -90,18 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--method", choices=["cpt", "lora", "cpt+lora", "distill"], help="default: cpt")
     rt.add_argument("--config", help="YAML with TrainConfig fields (flags below override it)")
     rt.add_argument("--data", help="training data source (file, folder, glob, s3://…, hf:NAME, slimpajama-sample)")
-    rt.add_argument("--train-tokens", type=int, help="token budget across all workers")
-    rt.add_argument("--seq-len", type=int)
-    rt.add_argument("--micro-batch-size", type=int)
-    rt.add_argument("--grad-accum", type=int)
-    rt.add_argument("--lr", type=float)
+    rt.add_argument("--train-tokens", type=COUNT, help="token budget across all workers")
+    rt.add_argument("--seq-len", type=SEQ_LEN)
+    rt.add_argument("--micro-batch-size", type=COUNT)
+    rt.add_argument("--grad-accum", type=COUNT)
+    rt.add_argument("--lr", type=POSITIVE)
     rt.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
     rt.add_argument("--teacher", help="distill: the unpruned model (default: pruning.json's model)")
-    rt.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    rt.add_argument("--workers", type=COUNT, default=2, help="Ray Train workers")
     rt.add_argument("--use-gpu", action="store_true")
-    rt.add_argument("--cpus-per-worker", type=float, default=1)
+    rt.add_argument("--cpus-per-worker", type=POSITIVE, default=1)
     rt.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
-    rt.add_argument("--max-failures", type=int, default=0, help="restart failed workers from the last checkpoint")
+    rt.add_argument("--max-failures", type=NON_NEGATIVE, default=0, help="restart failed workers from the last checkpoint")
     rt.add_argument("--storage-path", default=str(Path.home() / "ray_results"),
                     help="Ray Train storage (shared storage on multi-node clusters)")
     rt.add_argument("--name", help="run name (default: the output folder's name); the same name resumes")
@@ -116,22 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
                                   "wikitext2,ptb when neither --tasks nor --speed is given)")
     ev.add_argument("--ppl-protocol", default="paper", choices=["paper", "gptq"],
                     help="paper: 128-token windows; gptq: 2048")
-    ev.add_argument("--ppl-seq-len", type=int, help="override the protocol's window length")
+    ev.add_argument("--ppl-seq-len", type=SEQ_LEN, help="override the protocol's window length")
     ev.add_argument("--ppl-bos", default="auto", choices=["auto", "first", "every", "none"],
                     help="BOS on the first window only (auto: if the tokenizer adds one), on every window, or none")
-    ev.add_argument("--ppl-windows", type=int, help="evaluate only the first N windows (quick runs)")
+    ev.add_argument("--ppl-windows", type=COUNT, help="evaluate only the first N windows (quick runs)")
     ev.add_argument("--tasks", help="zero-shot tasks, comma-separated, or 'all': boolq,piqa,hellaswag,winogrande,"
                                     "arc_easy,arc_challenge,openbookqa")
     ev.add_argument("--tasks-source", default="local", choices=["local", "hub"],
                     help="local files in ../shared/data (offline) or lm-eval's hub tasks")
-    ev.add_argument("--limit", type=int, help="zero-shot items per task (quick runs; default: full splits)")
+    ev.add_argument("--limit", type=COUNT, help="zero-shot items per task (quick runs; default: full splits)")
     ev.add_argument("--speed", action="store_true", help="generation latency/throughput and peak memory")
     ev.add_argument("--speed-batch-sizes", default="1", help="comma-separated (paper: 1,...,256)")
     ev.add_argument("--speed-new-tokens", default="128", help="comma-separated forced output lengths (paper: 128,512)")
-    ev.add_argument("--speed-repeats", type=int, default=3)
-    ev.add_argument("--speed-warmup", type=int, default=1)
+    ev.add_argument("--speed-repeats", type=COUNT, default=3)
+    ev.add_argument("--speed-warmup", type=NON_NEGATIVE, default=1)
     ev.add_argument("--baseline", help="a second model for --speed, run alternately; rows get speedups over it")
-    ev.add_argument("--batch-size", type=int, default=8, help="sequences per forward for ppl and zero-shot")
+    ev.add_argument("--batch-size", type=COUNT, default=8, help="sequences per forward for ppl and zero-shot")
+    _add_tokenizer_arg(ev, "perplexity, zero-shot and speed all need one")
     ev.add_argument("--zeroshot-cache", help="folder for lm-eval's response cache (one file per model weights): an "
                                              "interrupted zero-shot run resumes where it stopped")
     ev.add_argument("--out", required=True, help="results JSON file to write")
@@ -162,9 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "select":
             p.add_argument("--policy", choices=["max_ratio_within", "best_under_budget", "pareto"])
             p.add_argument("--metric", help="ppl:wikitext2, zeroshot_mean, acc:piqa, ... (default: the config's)")
-            p.add_argument("--tolerance", type=float, help="max_ratio_within: allowed %% change from dense")
-            p.add_argument("--max-params", type=int, help="best_under_budget: parameter budget")
-            p.add_argument("--max-latency", type=float, help="best_under_budget: batch-1 latency budget (s)")
+            p.add_argument("--tolerance", type=_number(float, 0), help="max_ratio_within: allowed %% change from "
+                                                                       "dense (>= 0)")
+            p.add_argument("--max-params", type=COUNT, help="best_under_budget: parameter budget")
+            p.add_argument("--max-latency", type=POSITIVE, help="best_under_budget: batch-1 latency budget (s)")
         if verb == "report":
             p.add_argument("--out", help="folder for the report and plots (default: EXPERIMENT/report)")
             p.add_argument("--format", default="md", choices=["md", "html"])
@@ -172,12 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="check a training corpus: shards, rank split, documents per set, bad lines, "
                                        "tokens")
     data.add_argument("source", help="file, folder, glob, s3://…/gs://… URL, hf:NAME, or slimpajama-sample")
-    data.add_argument("--split", default="train")
+    data.add_argument("--split", help="split of slimpajama-sample or an hf: dataset (default: train)")
     data.add_argument("--format", default="text", choices=["text", "alpaca"])
     data.add_argument("--text-field", default="text")
-    data.add_argument("--mixture", type=json.loads, help='set weights as JSON, e.g. \'{"RedPajamaC4": 2}\'')
-    data.add_argument("--world-size", type=int, default=1, help="show how this many ranks would share it")
-    data.add_argument("--max-bad-fraction", type=float, default=0.01)
+    data.add_argument("--mixture", type=_mixture, help='set weights as JSON, e.g. \'{"RedPajamaC4": 2}\'')
+    data.add_argument("--world-size", type=COUNT, default=1, help="show how this many ranks would share it")
+    data.add_argument("--max-bad-fraction", type=FRACTION, default=0.01)
     data.add_argument("--tokenizer", help="model whose tokenizer counts the tokens (slower: tokenizes everything)")
     data.add_argument("--gguf-file", help="GGUF file name inside the --tokenizer folder")
     data.set_defaults(func=cmd_data)
@@ -186,28 +265,69 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_common(args: argparse.Namespace) -> None:
     """Checks that need no model, so bad input fails in a second and writes nothing."""
-    from shortened.criteria import get_criterion
+    from shortened.criteria import DATA_FREE, get_criterion
     from shortened.pruning import check_ratio
 
     get_criterion(args.criterion)
+    if args.criterion not in DATA_FREE:
+        _calibration_config(args)
     if getattr(args, "ratio", None) is not None:
         check_ratio(args.ratio)
     if args.keep_first < 0 or args.keep_last < 0:
         raise ShortenedError(f"--keep-first/--keep-last must be >= 0, got {args.keep_first}/{args.keep_last}")
 
 
-def _scores_for(args: argparse.Namespace, model, n_remove: int | None):
-    """Load the model's tokenizer and calibration windows (unless data-free), then score."""
-    from shortened.criteria import DATA_FREE
-    from shortened.data.calibration import CalibrationConfig, calibration_windows, describe
+def _source(args: argparse.Namespace):
+    """``--model`` (and ``--gguf-file``) resolved once, before any work: a missing local path is named here."""
+    from shortened.models import resolve_source
+
+    if getattr(args, "source", None) is None:
+        args.source = resolve_source(args.model, args.gguf_file, what="--model")
+    return args.source
+
+
+def _tokenizer(args: argparse.Namespace, needed_for: str | None):
+    """The tokenizer from ``--tokenizer``, else the ``--model`` folder's. A model without one (common for trainer
+    outputs) is fine when nothing needs text (``needed_for`` None: a warning, and the output has no tokenizer);
+    otherwise the error says what needs it and points at ``--tokenizer``."""
     from shortened.models import load_tokenizer
+
+    from shortened.models import resolve_source
+
+    if getattr(args, "tokenizer", None):
+        return load_tokenizer(resolve_source(args.tokenizer, what="--tokenizer"))
+    source = _source(args)
+    try:
+        return load_tokenizer(source)
+    except ShortenedError as exc:
+        if needed_for is None:
+            log.warning("model %s has no usable tokenizer (%s); continuing without one: the output will have no "
+                        "tokenizer files (add them, or pass --tokenizer PATH)", args.model, exc)
+            return None
+        raise ShortenedError(f"{needed_for} needs the model's tokenizer, and none could be loaded from "
+                             f"{args.model!r}; pass --tokenizer PATH (a folder, hub id or .gguf holding the "
+                             f"tokenizer this model was trained with) ({exc})") from exc
+
+
+def _calibration_config(args: argparse.Namespace):
+    from shortened.data.calibration import CalibrationConfig
+
+    return validated(CalibrationConfig, dict(source=args.calib_source, n_samples=args.calib_samples,
+                                             seq_len=args.calib_seq_len, seed=args.seed), "calibration option")
+
+
+def _scores_for(args: argparse.Namespace, model, n_remove: int | None, tokenizer=None):
+    """Calibration windows from ``tokenizer`` (unless the criterion is data-free), then score."""
+    from shortened.criteria import DATA_FREE
+    from shortened.data.calibration import calibration_windows, describe
     from shortened.pruning import score_blocks
 
     calibration, calib_info = None, {}
     if args.criterion not in DATA_FREE:
-        cfg = CalibrationConfig(source=args.calib_source, n_samples=args.calib_samples,
-                                seq_len=args.calib_seq_len, seed=args.seed)
-        calibration = calibration_windows(load_tokenizer(args.model, gguf_file=args.gguf_file), cfg)
+        cfg = _calibration_config(args)
+        if tokenizer is None:
+            tokenizer = _tokenizer(args, f"criterion {args.criterion!r} (calibration text)")
+        calibration = calibration_windows(tokenizer, cfg)
         calib_info = describe(cfg, calibration)
     scores = score_blocks(model, args.criterion, calibration, keep_first=args.keep_first, keep_last=args.keep_last,
                           batch_size=args.batch_size, n_remove=n_remove, progress=not args.quiet)
@@ -217,18 +337,24 @@ def _scores_for(args: argparse.Namespace, model, n_remove: int | None):
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from shortened.io import check_output_file
+    from shortened.criteria import DATA_FREE
+    from shortened.io import check_output
     from shortened.models import load_model
     from shortened.pruning import resolve_block_count
 
     _check_common(args)
-    out = check_output_file(args.out, args.overwrite)
-    model = load_model(args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype)
+    out = check_output(args.out, kind="file", overwrite=args.overwrite, flag="--out", create=False)
+    _source(args)
+    tokenizer = None
+    if args.criterion not in DATA_FREE:  # before the model loads: a missing tokenizer fails in a second
+        tokenizer = _tokenizer(args, f"criterion {args.criterion!r} (calibration text)")
+    check_output(out, kind="file", overwrite=args.overwrite, flag="--out")  # every check passed: create folders
+    model = load_model(_source(args), device=args.device, dtype=args.dtype)
     n_remove = None
     if args.ratio is not None or args.blocks is not None:
         n_remove = resolve_block_count(model, ratio=args.ratio, blocks=args.blocks,
                                        keep_first=args.keep_first, keep_last=args.keep_last)
-    scores = _scores_for(args, model, n_remove)
+    scores = _scores_for(args, model, n_remove, tokenizer)
     scores.save(out)
     print(json.dumps({"criterion": scores.criterion, "scores": [round(s, 4) for s in scores.scores],
                       "out": str(out)}))
@@ -237,22 +363,26 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from shortened.criteria import BlockScores
-    from shortened.io import check_output_dir
-    from shortened.models import load_model, load_tokenizer
+    from shortened.criteria import DATA_FREE
+    from shortened.io import check_output
+    from shortened.models import load_model
     from shortened.pruning import check_scores_fit, prune, resolve_block_count, save_pruned
 
     _check_common(args)
-    check_output_dir(args.out, args.overwrite)
+    check_output(args.out, kind="dir", overwrite=args.overwrite, flag="--out", create=False)
+    _source(args)
     saved = BlockScores.load(args.scores) if args.scores else None
-    model = load_model(args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype)
+    needs_text = saved is None and args.criterion not in DATA_FREE
+    tokenizer = _tokenizer(args, f"criterion {args.criterion!r} (calibration text)" if needs_text else None)
+    check_output(args.out, kind="dir", overwrite=args.overwrite, flag="--out")
+    model = load_model(_source(args), device=args.device, dtype=args.dtype)
     n_remove = resolve_block_count(model, ratio=args.ratio, blocks=args.blocks,
                                    keep_first=args.keep_first, keep_last=args.keep_last)
     if saved is not None:
         check_scores_fit(saved, model, args.criterion)
         scores = saved
     else:
-        scores = _scores_for(args, model, n_remove)
-    tokenizer = load_tokenizer(args.model, gguf_file=args.gguf_file)
+        scores = _scores_for(args, model, n_remove, tokenizer)
     result = prune(model, scores, n_remove, keep_first=args.keep_first, keep_last=args.keep_last,
                    ratio_requested=args.ratio, model_name=args.model)
     out = save_pruned(result, args.out, tokenizer, overwrite=args.overwrite)
@@ -285,21 +415,23 @@ def _width_target(args: argparse.Namespace) -> int | None:
 
 
 def cmd_prune_width(args: argparse.Namespace) -> int:
-    from shortened.data.calibration import CalibrationConfig, calibration_windows
-    from shortened.io import check_output_dir
-    from shortened.models import count_params, load_model, load_tokenizer
+    from shortened.data.calibration import calibration_windows
+    from shortened.io import check_output
+    from shortened.models import count_params, load_model
     from shortened.width import plan_for_params, prune_width, save_width_pruned, width_scores
 
-    check_output_dir(args.out, args.overwrite)
+    check_output(args.out, kind="dir", overwrite=args.overwrite, flag="--out", create=False)
     target = _width_target(args)
-    model = load_model(args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype)
-    tokenizer = load_tokenizer(args.model, gguf_file=args.gguf_file)
+    _source(args)
+    calib_cfg = _calibration_config(args) if args.score == "activation" else None
+    tokenizer = _tokenizer(args, "--score activation (calibration text)" if calib_cfg else None)
+    check_output(args.out, kind="dir", overwrite=args.overwrite, flag="--out")
+    model = load_model(_source(args), device=args.device, dtype=args.dtype)
     before = count_params(model)
     plan = plan_for_params(model, int(before * (1 - args.ratio)) if target is None else target, args.score)
     calibration = None
-    if args.score == "activation":
-        calibration = calibration_windows(tokenizer, CalibrationConfig(
-            source=args.calib_source, n_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed))
+    if calib_cfg is not None:
+        calibration = calibration_windows(tokenizer, calib_cfg)
     prune_width(model, plan, width_scores(model, args.score, calibration))
     out = save_width_pruned(model, plan, args.out, tokenizer, source=args.model, params_before=before,
                             overwrite=args.overwrite)
@@ -364,8 +496,8 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from shortened.evaluation import EvalConfig, evaluate, metric_rows
-    from shortened.io import check_output_file, write_json_atomic
-    from shortened.models import load_model, load_tokenizer
+    from shortened.io import check_output, write_json_atomic
+    from shortened.models import load_model, load_tokenizer, resolve_source
 
     nothing_asked = args.ppl is None and not args.tasks and not args.speed
     ppl = "wikitext2,ptb" if nothing_asked else (args.ppl or "")
@@ -380,12 +512,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = validated(EvalConfig, fields, "eval option")
     if args.baseline and not args.speed:
         raise ShortenedError("--baseline is compared by --speed; add --speed")
-    out = check_output_file(args.out, args.overwrite)
-    model = load_model(args.model, gguf_file=args.gguf_file, device=args.device, dtype=args.dtype)
-    tokenizer = load_tokenizer(args.model, gguf_file=args.gguf_file)
+    out = check_output(args.out, kind="file", overwrite=args.overwrite, flag="--out", create=False)
+    if cfg.zeroshot_cache and cfg.tasks:
+        check_output(cfg.zeroshot_cache, kind="folder", flag="--zeroshot-cache", create=False)
+    _source(args)
+    baseline_source = resolve_source(args.baseline, what="--baseline") if args.baseline else None
+    tokenizer = _tokenizer(args, "evaluation (perplexity, zero-shot and speed read text)")
+    baseline_tokenizer = None
+    if baseline_source is not None:
+        try:
+            baseline_tokenizer = load_tokenizer(baseline_source)
+        except ShortenedError as exc:
+            if not args.tokenizer:
+                raise ShortenedError(f"--baseline {args.baseline}: {exc}; pass --tokenizer PATH if the two models "
+                                     "share it") from exc
+            baseline_tokenizer = tokenizer
+    check_output(out, kind="file", overwrite=args.overwrite, flag="--out")  # every check passed: create folders
+    if cfg.zeroshot_cache and cfg.tasks:
+        check_output(cfg.zeroshot_cache, kind="folder", flag="--zeroshot-cache")
+    model = load_model(_source(args), device=args.device, dtype=args.dtype)
     baseline = None
-    if args.baseline:
-        baseline = (load_model(args.baseline, device=args.device, dtype=args.dtype), load_tokenizer(args.baseline))
+    if baseline_source is not None:
+        baseline = (load_model(baseline_source, device=args.device, dtype=args.dtype), baseline_tokenizer)
     result = {"model": args.model, "baseline": args.baseline, **evaluate(model, tokenizer, cfg, baseline)}
     write_json_atomic(out, result)
     print("| metric | dataset/task | value | protocol |\n|---|---|---|---|")
@@ -411,14 +559,26 @@ def cmd_data(args: argparse.Namespace) -> int:
     from shortened.data.formats import encode
     from shortened.data.stream import set_name
 
-    cfg = validated(DataConfig, dict(source=args.source, split=args.split, format=args.format,
+    from shortened.data.calibration import alias_split_error
+    from shortened.data.sources import is_hub
+
+    split = args.split or "train"
+    error = alias_split_error(args.source, split)
+    if error:
+        raise ShortenedError(f"--{error}")
+    if args.split and not is_hub(args.source) and args.source != "slimpajama-sample":
+        raise ShortenedError(f"--split {args.split!r}: {args.source!r} is a path, which has no splits (--split "
+                             "applies to slimpajama-sample and hf:NAME); name the split's own folder or file")
+    cfg = validated(DataConfig, dict(source=args.source, split=split, format=args.format,
                                      text_field=args.text_field, mixture=args.mixture, epochs=1,
                                      max_bad_fraction=args.max_bad_fraction), "data option")
     tokenizer = None
     if args.tokenizer:
         from shortened.models import load_tokenizer
 
-        tokenizer = load_tokenizer(args.tokenizer, gguf_file=args.gguf_file)
+        from shortened.models import resolve_source
+
+        tokenizer = load_tokenizer(resolve_source(args.tokenizer, args.gguf_file, what="--tokenizer"))
     start = time.perf_counter()
     streams = [DocumentStream(cfg, r, args.world_size) for r in range(args.world_size)]
     per_rank, sets, tokens = [], Counter(), 0
@@ -504,7 +664,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     from shortened.sweep.selection import select
 
     store, name, _ = open_experiment_args(args)
-    choice = select(store.trials(name), _selection(args, store, name))
+    choice = select(store.trials(name), _selection(args, store, name), strict=True)
     print("| trial | ratio | value | meets policy |\n|---|---|---|---|")
     for c in choice.candidates:
         print(f"| {c['key']} | {c['ratio']:.3f} | {c['value']:.4g} | {'yes' if c.get('ok') else 'no'} |")
@@ -524,22 +684,56 @@ def cmd_report(args: argparse.Namespace) -> int:
     from shortened.sweep.report import write_report
     from shortened.sweep.selection import select
 
+    from shortened.io import check_output
+
     store, name, exp_dir = open_experiment_args(args)
-    choice = select(store.trials(name), _selection(args, store, name))
-    out = write_report(store, name, args.out or (exp_dir / "report"), choice, args.format)
+    if args.out is None and exp_dir is None:
+        raise ShortenedError(f"experiment {name!r} has no folder on record; pass --out FOLDER")
+    out_dir = args.out or (exp_dir / "report")
+    check_output(out_dir, kind="folder", overwrite=True, flag="--out" if args.out else "report folder", create=False)
+    choice = select(store.trials(name), _selection(args, store, name), strict=True)
+    check_output(out_dir, kind="folder", overwrite=True, flag="--out" if args.out else "report folder")
+    out = write_report(store, name, out_dir, choice, args.format)
     print(f"wrote {out}")
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+def _quiet_stdout() -> None:
+    """After a closed pipe (``shortened results | head``): point stdout at /dev/null so the interpreter's final
+    flush does not print a second BrokenPipeError."""
+    import os
+
     try:
-        return args.func(args)
-    except ShortenedError as exc:
-        print(f"shortened {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one verb. Exit codes: 0 done, 1 nothing chosen (``select``), 2 bad input (one line: ``shortened VERB:
+    error: MESSAGE``, also argparse's for a bad flag), 130 interrupted (Ctrl-C: one line, no traceback; the
+    atomic writes leave nothing half-written), 141 output pipe closed (quietly)."""
+    command = "shortened"
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, its message already printed)
+            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        command = f"shortened {args.command}"
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return args.func(args)
+        except ShortenedError as exc:
+            print(f"{command}: error: {exc}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
+        print(f"\n{command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
 
 
 if __name__ == "__main__":

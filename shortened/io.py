@@ -12,12 +12,38 @@ from pathlib import Path
 from shortened.errors import ShortenedError
 
 
+def umask() -> int:
+    """The process umask: from /proc on Linux (no change to it, so safe beside other threads), else set and reset."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0o666 less the umask (0o644 under umask 022)."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    """The mode ``mkdir`` gives a new folder: 0o777 less the umask (0o755 under umask 022)."""
+    return 0o777 & ~umask()
+
+
 def write_json_atomic(path: str | Path, data: object) -> None:
+    """Write JSON through a temporary file beside ``path``, renamed into place; the file gets the umask's mode
+    (``mkstemp`` alone would leave it 0600, unreadable by the rest of a team on shared storage)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), file_mode())
             json.dump(data, f, indent=2)
             f.write("\n")
         os.replace(tmp, path)
@@ -26,23 +52,85 @@ def write_json_atomic(path: str | Path, data: object) -> None:
         raise
 
 
-def check_output_dir(path: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing, non-empty output folder unless ``overwrite``; nothing is created here."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ShortenedError(f"output {str(path)!r} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ShortenedError(f"output folder {str(path)!r} exists and is not empty (use --overwrite to replace it)")
+def make_staging_dir(final: Path) -> Path:
+    """A hidden staging folder beside ``final`` with the umask's mode (``mkdtemp`` alone makes it 0700)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    os.chmod(staging, dir_mode())
+    return staging
+
+
+def _first_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (as anything)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
     return path
 
 
-def check_output_file(path: str | Path, overwrite: bool) -> Path:
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ShortenedError(f"output file {str(path)!r} exists (use --overwrite to replace it)")
-    if path.is_dir():
-        raise ShortenedError(f"output {str(path)!r} is a folder, expected a file path")
+def _probe_writable(folder: Path) -> None:
+    """Create and remove a hidden file in ``folder``: the one check that also holds for root, ACLs and read-only
+    mounts. Raises OSError when the folder cannot take new files."""
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".shortened-write-check-")
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output(path: str | Path, *, kind: str, overwrite: bool = False, flag: str = "output",
+                 create: bool = True) -> Path:
+    """Check an output location before any work starts, so a bad ``--out`` fails in a second instead of after
+    scoring, evaluation or training; then create the folders above it (``create``).
+
+    ``kind`` is ``"file"`` (written atomically beside itself), ``"dir"`` (a model folder, staged beside itself
+    and moved into place: must not exist or be empty, unless ``overwrite``) or ``"folder"`` (files are written
+    into it, existing or not: a cache or report folder). Refused, with ``flag`` and the path named: a file where
+    a folder is needed (or a folder where a file is), an existing result without ``overwrite``, a path below a
+    file, and a folder that cannot take new files. The message is a :class:`ShortenedError`; nothing is created
+    unless every check passes."""
+    if kind not in ("file", "dir", "folder"):
+        raise ValueError(f"kind {kind!r}: choose file, dir or folder")
+    raw = str(path)
+    if not raw.strip():
+        raise ShortenedError(f"{flag}: an empty path")
+    path = Path(raw).expanduser()
+    where = f"{flag} {raw}"
+    if kind == "file":
+        if path.is_dir():
+            raise ShortenedError(f"{where}: is a folder, expected a file path")
+        if path.exists() and not overwrite:
+            raise ShortenedError(f"{where}: the file exists (use --overwrite to replace it)")
+    else:
+        if path.exists() and not path.is_dir():
+            raise ShortenedError(f"{where}: exists and is not a folder")
+        if kind == "dir" and path.is_dir() and any(path.iterdir()) and not overwrite:
+            raise ShortenedError(f"{where}: the folder exists and is not empty (use --overwrite to replace it)")
+    anchor = _first_existing(path.parent.absolute())
+    if not anchor.is_dir():
+        raise ShortenedError(f"{where}: {anchor} is a file, not a folder, so nothing can be written below it")
+    probes = [anchor] + ([path] if kind == "folder" and path.is_dir() else [])
+    for folder in probes:
+        try:
+            _probe_writable(folder)
+        except OSError as exc:
+            raise ShortenedError(f"{where}: cannot write in {folder} ({exc.strerror or exc})") from exc
+    if create:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if kind == "folder":
+                path.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise ShortenedError(f"{where}: cannot create {exc.filename or path.parent} "
+                                 f"({exc.strerror or exc})") from exc
     return path
+
+
+def check_output_dir(path: str | Path, overwrite: bool, flag: str = "output") -> Path:
+    """Refuse an existing file, an existing non-empty folder unless ``overwrite``, a path below a file or in a
+    folder that cannot be written; nothing is created here."""
+    return check_output(path, kind="dir", overwrite=overwrite, flag=flag, create=False)
+
+
+def check_output_file(path: str | Path, overwrite: bool, flag: str = "output") -> Path:
+    """The same checks for a file written atomically (nothing is created here)."""
+    return check_output(path, kind="file", overwrite=overwrite, flag=flag, create=False)
 
 
 def save_model_dir(out: str | Path, model, tokenizer=None, *, report_name: str, report: dict,
@@ -54,7 +142,7 @@ def save_model_dir(out: str | Path, model, tokenizer=None, *, report_name: str, 
     the staging folder and propagates, so a folder that fails the check never appears at ``out``."""
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = make_staging_dir(out)
     try:
         model.save_pretrained(staging)
         if tokenizer is not None:

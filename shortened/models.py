@@ -50,21 +50,39 @@ def smollm2_dir() -> Path:
     return Path(spec.origin).parent
 
 
-def resolve_source(spec: str, gguf_file: str | None = None) -> ModelSource:
-    """Turn a user's ``--model``/``--gguf-file`` into a :class:`ModelSource`, checking local paths exist."""
+# Endings that name a file, not a hub repo (hub ids may hold dots: "Qwen/Qwen2.5-0.5B", so not any suffix).
+FILE_SUFFIXES = (".gguf", ".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".yaml", ".yml", ".txt",
+                 ".model", ".jsonl", ".gz", ".zst", ".tar", ".zip", ".onnx", ".h5", ".msgpack")
+
+
+def looks_local(spec: str) -> bool:
+    """A spec that can only be a local path: ``./x`` ``../x`` ``/x`` ``~/x`` ``.x``, ``x/`` (a folder), a file
+    ending (``.gguf``, ``.json``, …), or more than one slash (a hub id is ``org/name``)."""
+    return (spec.startswith((".", "/", "~")) or spec.endswith(("/", "\\")) or spec.lower().endswith(FILE_SUFFIXES)
+            or spec.count("/") > 1)
+
+
+def resolve_source(spec: str, gguf_file: str | None = None, *, what: str = "model") -> ModelSource:
+    """Turn a user's ``--model``/``--gguf-file`` into a :class:`ModelSource`, checking local paths exist. A spec
+    that looks local (:func:`looks_local`) and is missing is "no such folder/file", never a hub lookup. ``what``
+    starts every message (``--model``, ``--baseline``, ``--tokenizer``)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ShortenedError(f"{what}: an empty model name")
     if spec == SMOLLM2_ALIAS:
         return ModelSource(str(smollm2_dir()), gguf_file or SMOLLM2_GGUF)
     path = Path(spec).expanduser()
-    if spec.endswith(".gguf"):
+    if spec.lower().endswith(".gguf"):
         if gguf_file:
-            raise ShortenedError(f"model {spec!r} is a GGUF file already; drop --gguf-file {gguf_file!r}")
+            raise ShortenedError(f"{what} {spec!r} is a GGUF file already; drop --gguf-file {gguf_file!r}")
+        if path.is_dir():
+            raise ShortenedError(f"{what}: {spec!r} is a folder, not a GGUF file")
         if not path.is_file():
-            raise ShortenedError(f"model: GGUF file {spec!r} does not exist")
+            raise ShortenedError(f"{what}: no such file {spec!r} (GGUF file does not exist)")
         return ModelSource(str(path.parent), path.name)
     if path.is_dir():
         if gguf_file:
             if not (path / gguf_file).is_file():
-                raise ShortenedError(f"model: {gguf_file!r} not found in folder {spec!r}")
+                raise ShortenedError(f"{what}: {gguf_file!r} not found in folder {spec!r}")
             return ModelSource(str(path), gguf_file)
         if (path / "config.json").is_file():
             return ModelSource(str(path))
@@ -72,10 +90,14 @@ def resolve_source(spec: str, gguf_file: str | None = None) -> ModelSource:
         if len(ggufs) == 1:
             return ModelSource(str(path), ggufs[0])
         if ggufs:
-            raise ShortenedError(f"model: folder {spec!r} holds several GGUF files {ggufs}; pick one with --gguf-file")
-        raise ShortenedError(f"model: folder {spec!r} has no config.json and no .gguf file")
-    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ShortenedError(f"model: {spec!r} is not a model folder, a .gguf file or a hub id")
+            raise ShortenedError(f"{what}: folder {spec!r} holds several GGUF files {ggufs}; pick one with "
+                                 "--gguf-file")
+        raise ShortenedError(f"{what}: folder {spec!r} has no config.json and no .gguf file")
+    if path.exists():
+        raise ShortenedError(f"{what}: {spec!r} is a file, not a model folder or a .gguf file")
+    if looks_local(spec):
+        kind = "file" if spec.lower().endswith(FILE_SUFFIXES) else "folder"
+        raise ShortenedError(f"{what}: no such {kind} {spec!r}")
     return ModelSource(spec, gguf_file)  # hub id
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
 from shortened.data.config import SLIMPAJAMA_SAMPLE, DataConfig
@@ -15,20 +15,53 @@ from shortened.data.formats import encode
 from shortened.data.sources import resolve_alias
 from shortened.data.stream import DocumentStream
 from shortened.errors import ShortenedError
+from shortened.paths import shared_data_dir
+
+
+def alias_split_error(source: str, split: str) -> str | None:
+    """Why ``split`` of the ``slimpajama-sample`` alias is wrong, when the offline sample is here and lacks it
+    (the alias would otherwise switch to streaming the hub dataset without a word); None when it is fine."""
+    if source != SLIMPAJAMA_SAMPLE:
+        return None
+    data = shared_data_dir()
+    sample = data / SLIMPAJAMA_SAMPLE if data is not None else None
+    if sample is None or not sample.is_dir() or (sample / split).is_dir():
+        return None
+    have = sorted(p.name for p in sample.iterdir() if p.is_dir())
+    return (f"split {split!r}: the offline {SLIMPAJAMA_SAMPLE} has {', '.join(have) or 'no splits'} (for the hub "
+            f"dataset, name it: hf:cerebras/SlimPajama-627B)")
 
 
 class CalibrationConfig(BaseModel):
-    """Paper default: 10 samples × 128 tokens (BookCorpus there; the SlimPajama sample here)."""
+    """Paper default: 10 samples × 128 tokens (BookCorpus there; the SlimPajama sample here). Unknown fields are
+    refused (``n_sample: 5`` is a typo, not a setting to drop silently)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     source: str = SLIMPAJAMA_SAMPLE  # any source the data layer reads: path, glob, s3://…, hf:NAME
     split: str = "train"
     format: Literal["text", "alpaca"] = "text"
     mixture: dict[str, float] | None = None
-    n_samples: int = Field(10, ge=1)
-    seq_len: int = Field(128, ge=2)
-    seed: int = 0
+    n_samples: int = Field(10, ge=1, le=1_000_000)
+    seq_len: int = Field(128, ge=2, le=1_048_576)
+    seed: int = Field(0, ge=0)  # numpy's default_rng refuses negative seeds
     # The windows are drawn from the first ``pool_factor × n_samples × seq_len`` tokens of the stream.
-    pool_factor: int = Field(32, ge=1)
+    pool_factor: int = Field(32, ge=1, le=10_000)
+
+    @field_validator("mixture")
+    @classmethod
+    def _weights(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        bad = {k: w for k, w in (v or {}).items() if not (w >= 0 and w != float("inf"))}
+        if bad:
+            raise ValueError(f"mixture weights must be finite and >= 0, got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _split_exists(self) -> CalibrationConfig:
+        error = alias_split_error(self.source, self.split)
+        if error:
+            raise ValueError(error)
+        return self
 
     def data_config(self) -> DataConfig:
         return DataConfig(source=self.source, split=self.split, format=self.format, mixture=self.mixture,

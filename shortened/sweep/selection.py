@@ -33,6 +33,24 @@ def metric_value(trial: dict, metric: str) -> float | None:
     return None
 
 
+def known_metrics(trials: list[dict]) -> list[str]:
+    """Every metric the trials carry, as ``NAME:DATASET``, plus each bare ``NAME`` that has one dataset only
+    (``zeroshot_mean``), sorted."""
+    pairs = {(m["name"], m["dataset"]) for t in trials for m in (t.get("metrics") or [])}
+    names: dict[str, int] = {}
+    for name, _ in pairs:
+        names[name] = names.get(name, 0) + 1
+    return sorted({f"{n}:{d}" if d else n for n, d in pairs} | {n for n, count in names.items() if count == 1})
+
+
+def unknown_metric(trials: list[dict], metric: str) -> str | None:
+    """Why ``metric`` is unknown when no trial has it although some have metrics (a typo such as
+    ``ppl:wikitext``), listing the ones the experiment has; None when it is known or nothing has finished."""
+    if not any(t.get("metrics") for t in trials) or any(metric_value(t, metric) is not None for t in trials):
+        return None
+    return f"unknown metric {metric!r}: the experiment has {', '.join(known_metrics(trials))}"
+
+
 def within(value: float, base: float, tolerance_pct: float, lower: bool) -> bool:
     limit = base * (1 + tolerance_pct / 100) if lower else base * (1 - tolerance_pct / 100)
     return value <= limit if lower else value >= limit
@@ -69,8 +87,16 @@ def pareto_front(points: list[tuple[str, float, float]], lower: bool) -> list[st
     return [k for _, k in sorted(front)]
 
 
-def select(trials: list[dict], policy: Selection) -> Choice:
+def select(trials: list[dict], policy: Selection, *, strict: bool = False) -> Choice:
+    """The choice under ``policy``. A metric that no trial has is a :class:`ShortenedError` naming the metrics
+    the experiment has (``strict``), or a choice of nothing whose reason says so (``strict=False``: the end of a
+    sweep, which should still store its trials)."""
     metric, lower = policy.metric, lower_is_better(policy.metric)
+    unknown = unknown_metric(trials, metric)
+    if unknown and strict:
+        raise ShortenedError(unknown)
+    if unknown:
+        return Choice(policy.policy, metric, None, unknown)
     done = [t for t in trials if t["status"] == "completed"]
     dense = next((t for t in done if t["key"] == DENSE), None)
     base = metric_value(dense, metric) if dense else None
