@@ -651,3 +651,12 @@ def test_two_streams_read_the_same_shards_interleaved(tmp_path):
     pairs = list(zip(one, two))
     assert [a.record["text"] for a, _ in pairs] == [b.record["text"] for _, b in pairs] == docs[:150] + docs[150:]
     assert one.bad.bad == two.bad.bad == 1
+
+
+def test_raw_bytes_inside_a_json_array_cost_only_their_record(tmp_path):
+    records = [{"text": t} for t in texts(30, seed=6)]
+    data = json.dumps(records[:10]).encode()[:-1] + b', {"text": "caf\xe9"}, ' + json.dumps(records[10:]).encode()[1:]
+    (tmp_path / "a.json").write_bytes(data)
+    got, s = read_all(tmp_path, max_bad_fraction=0.05)
+    assert got == [r["text"] for r in records] and (s.bad.lines, s.bad.bad) == (31, 1)
+    assert s.bad.examples[0].startswith(f"{tmp_path / 'a.json'}:[11]: invalid Unicode")

@@ -446,9 +446,12 @@ def _problem(record: Any, check: Check | None) -> str | None:
 
 def _read_json_array(shards: ShardSet, path: str, url: str, bad: BadLines, start: int,
                      check: Check | None) -> Iterator[tuple[int, dict]]:
-    """The records of a JSON array file. The file parses as a whole or not at all: a damaged one (empty, not
-    UTF-8, not JSON, truncated) is one bad line and is skipped. A file that parses to something other than an
-    array is the wrong kind of file, not damage: a clear error."""
+    """The records of a JSON array file.
+
+    Bytes that are not UTF-8 are decoded to lone surrogates (``surrogateescape``), so inside a string they cost
+    only the record holding them, like a lone surrogate escape. Otherwise the file parses as a whole or not at all:
+    a damaged one (empty, truncated, not JSON) is one bad line and is skipped. A file that parses to something
+    other than an array is the wrong kind of file, not damage: a clear error."""
     f, dec = _open_binary(shards.fs, path)
     with f:
         data = f.read()
@@ -460,8 +463,8 @@ def _read_json_array(shards: ShardSet, path: str, url: str, bad: BadLines, start
             bad.skip(f"{url}:[1]", EMPTY_FILE)
         return
     try:
-        records = json.loads(data.decode("utf-8-sig"))
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        records = json.loads(data.decode("utf-8-sig", "surrogateescape"))
+    except (ValueError, RecursionError) as exc:
         if start <= 1:
             why = "; ".join(gaps) or f"not a JSON array of records ({exc.__class__.__name__}: {str(exc)[:80]})"
             bad.skip(f"{url}:[1]", f"{why}; the whole file is skipped")
@@ -475,8 +478,12 @@ def _read_json_array(shards: ShardSet, path: str, url: str, bad: BadLines, start
             continue
         problem = _problem(record, check)
         if problem is None:
-            where = lone_surrogate(record)
-            problem = f"invalid Unicode (a lone UTF-16 surrogate escape in {where!r})" if where else None
+            try:
+                where = lone_surrogate(record)
+            except RecursionError:
+                where = "a value nested too deeply to check"
+            problem = (f"invalid Unicode (non-UTF-8 bytes or a lone UTF-16 surrogate escape in {where!r})"
+                       if where else None)
         if bad.accept(f"{url}:[{i}]", problem):
             yield i, record
 
