@@ -660,3 +660,12 @@ def test_raw_bytes_inside_a_json_array_cost_only_their_record(tmp_path):
     got, s = read_all(tmp_path, max_bad_fraction=0.05)
     assert got == [r["text"] for r in records] and (s.bad.lines, s.bad.bad) == (31, 1)
     assert s.bad.examples[0].startswith(f"{tmp_path / 'a.json'}:[11]: invalid Unicode")
+
+
+def test_a_damaged_file_in_a_hub_dataset_stops_with_a_clear_error(tmp_path):
+    """datasets cannot skip a line its reader rejects; the stream says so instead of dying with a traceback."""
+    (tmp_path / "a.jsonl").write_bytes(jsonl(["fine"] * 5) + b'{"text": "caf\xe9"}\n')
+    cfg = DataConfig(source="hf:json", epochs=1, hub_options={"data_files": [str(tmp_path / "a.jsonl")]})
+    with pytest.raises(ShortenedError, match="hub dataset 'json' .* failed after record #.*read them as a file source"):
+        list(DocumentStream(cfg))
+    assert len(read_all(tmp_path / "a.jsonl", max_bad_fraction=0.2)[0]) == 5  # as a file source it reads on

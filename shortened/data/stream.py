@@ -147,6 +147,13 @@ class DocumentStream:
                     record = next(it)
                 except StopIteration:
                     break
+                except Exception as exc:  # noqa: BLE001 - datasets/pyarrow raise many types
+                    # datasets' iterator is dead after an error, so a damaged file inside a hub dataset cannot be
+                    # skipped and counted the way a file source's damage is: stop with a message, not a traceback.
+                    raise ShortenedError(
+                        f"hub dataset {name!r} (rank {self.rank}) failed after record #{count}: "
+                        f"{type(exc).__name__}: {str(exc)[:300]}; if its files are damaged, read them as a file "
+                        "source (path, glob or URL), which skips and counts damaged lines") from exc
                 index, count = count, count + 1
                 where = f"{self.source}[rank {self.rank}]#{index}"
                 if not self.bad.accept(where, record_problem(record, cfg)) or is_empty(record, cfg):
