@@ -362,9 +362,13 @@ def read_records(shards: ShardSet, path: str, bad: BadLines, *, start_line: int 
     - a corrupt zstd frame or gzip member: one bad line where the data is missing; the lines decoded before it are
       kept and reading resumes at the next frame or member (a line cut in two by the gap is that one bad line);
     - a truncated ``.zst``/``.gz`` shard: one bad line; every line decoded before the cut is kept;
-    - an empty (0-byte) shard of any kind, or a ``.txt``/``.json`` file that cannot be decoded as a whole: one bad
-      line, the file being the unit of damage (a valid compressed stream always has a header, so 0 bytes is a
-      failed write or copy, not an empty corpus).
+    - an empty (0-byte) shard of any kind, a ``.txt`` file that is not UTF-8, a ``.json`` file that does not parse:
+      one bad line, the file being the unit of damage (a valid compressed stream always has a header, so 0 bytes
+      is a failed write or copy, not an empty corpus). In a ``.json`` array that parses, a record holding invalid
+      Unicode or non-UTF-8 bytes costs that record.
+
+    Only the lines wholly inside a corrupt frame cannot be counted (their number is unknown): the frame counts as
+    one bad line, so a corrupt frame of many lines weighs less in the share than the lines it lost.
 
     A valid shard is never counted as damage: zstd frames with long windows (up to zstd's maximum), several
     concatenated frames or gzip members, skippable frames and gzip zero padding are all read in full.
