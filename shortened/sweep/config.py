@@ -171,6 +171,38 @@ class SweepConfig(BaseModel):
         return self.store_url or f"sqlite:///{self.experiment_dir() / 'results.db'}"
 
 
+def _absolute_if_local(spec: str | None) -> str | None:
+    """A path that exists here (relative to the working directory) made absolute; anything else (an alias, a hub
+    id, a URL) as it is. Trials and their Ray workers run elsewhere and must not resolve it again."""
+    if not spec or "://" in spec or spec.startswith("hf:"):
+        return spec
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else spec
+
+
+def _absolute_source(source: str) -> str:
+    """A data source: local paths (including globs, which need not exist as such) made absolute."""
+    import os
+
+    from shortened.data.config import SLIMPAJAMA_SAMPLE
+
+    if source == SLIMPAJAMA_SAMPLE or source.startswith("hf:") or "://" in source:
+        return source
+    return os.path.abspath(os.path.expanduser(source))
+
+
+def resolve_local_paths(cfg: SweepConfig) -> SweepConfig:
+    """Every local path of the config made absolute once, where the sweep is started: the model, the training data,
+    the distillation teacher and the calibration source (``storage_path`` is resolved by the runner, after the Ray
+    job check). Idempotent."""
+    train = cfg.train
+    data = train.data.model_copy(update={"source": _absolute_source(train.data.source)})
+    distill = train.distill.model_copy(update={"teacher": _absolute_if_local(train.distill.teacher)})
+    calibration = cfg.calibration.model_copy(update={"source": _absolute_source(cfg.calibration.source)})
+    return cfg.model_copy(update={"model": _absolute_if_local(cfg.model), "calibration": calibration,
+                                  "train": train.model_copy(update={"data": data, "distill": distill})})
+
+
 def load_sweep_config(path: str | Path, overrides: dict | None = None) -> SweepConfig:
     """Read and validate a sweep YAML; any problem is a ShortenedError naming the file and the field."""
     import yaml
@@ -185,4 +217,4 @@ def load_sweep_config(path: str | Path, overrides: dict | None = None) -> SweepC
     if not isinstance(fields, dict):
         raise ShortenedError(f"sweep config {path}: expected a mapping of sweep fields, got {type(fields).__name__}")
     fields.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return validated(SweepConfig, fields, f"sweep config {path}: field")
+    return resolve_local_paths(validated(SweepConfig, fields, f"sweep config {path}: field"))

@@ -17,7 +17,8 @@ from ray import tune
 from shortened.cluster import check_job_paths, check_placement, check_shared_storage, cluster_capacity, connect
 from shortened.errors import ShortenedError
 from shortened.io import write_json_atomic
-from shortened.sweep.config import SweepConfig
+from shortened.sweep.config import SweepConfig, resolve_local_paths
+from shortened.sweep.lock import ExperimentLock
 from shortened.sweep.selection import Choice, lower_is_better, metric_value, select, within
 from shortened.sweep.store import ResultsStore
 from shortened.sweep.trial import (DENSE, RESULT_JSON, TrialSpec, compute_scores, grid_specs, longest_first, run_trial,
@@ -29,6 +30,16 @@ SELECTION_JSON = "selection.json"
 TIMINGS_JSON = "timings.json"  # wall time of this invocation's phases (the sweep benchmark reads it)
 # the parts of a config a resumed sweep may change (where and how fast it runs, how it selects)
 RESUMABLE_CHANGES = {"resources", "selection", "store_url"}
+
+
+class SweepInterrupted(ShortenedError):
+    """The sweep stopped before every trial finished (Ctrl-C, a stop signal): nothing was selected."""
+
+
+def resume_hint(cfg: SweepConfig) -> str:
+    saved = cfg.experiment_dir() / SWEEP_JSON
+    return (f"resume it with `shortened sweep CONFIG --resume` (the same config; it is saved as {saved}, so "
+            f"`shortened sweep {saved} --resume` works too); finished trials are kept")
 
 
 @dataclass
@@ -116,10 +127,44 @@ def check_experiment(cfg: SweepConfig, resume: bool) -> None:
     if resume:
         if not saved.exists():
             raise ShortenedError(f"--resume: no experiment {cfg.name!r} at {cfg.experiment_dir()} (no {SWEEP_JSON})")
-        diff = _config_diff(json.loads(saved.read_text()), cfg.model_dump(mode="json"))
+        old = json.loads(saved.read_text())
+        try:  # a config saved before paths were made absolute: resolve it the way that run did, from here
+            old = resolve_local_paths(SweepConfig.model_validate(old)).model_dump(mode="json")
+        except ValueError:
+            pass
+        diff = _config_diff(old, cfg.model_dump(mode="json"))
         if diff:
             raise ShortenedError(f"--resume: the config of {cfg.name!r} changed in {', '.join(diff)}; only "
                                  f"{', '.join(sorted(RESUMABLE_CHANGES))} may change on resume")
+
+
+def check_train_runs(cfg: SweepConfig) -> None:
+    """Before any trial starts: an unfinished trial's Ray Train checkpoint resumes only with the worker count that
+    wrote it (its ZeRO partitions and data cursors are per rank), so a resumed config with another
+    ``resources.workers_per_trial`` is refused here, naming the count each checkpoint needs."""
+    from shortened.training.identity import checkpoint_world_size, read_record
+
+    train = cfg.experiment_dir() / "train"
+    if not train.is_dir():
+        return
+    want = cfg.resources.workers_per_trial
+    bad = []
+    for run_dir in sorted(d for d in train.iterdir() if d.is_dir()):
+        keys = {run_dir.name, run_dir.name.rsplit("-", 1)[0]}  # cpt+lora trials run KEY-cpt and KEY-lora
+        if any((trial_dir(cfg.experiment_dir(), k) / RESULT_JSON).is_file() for k in keys):
+            continue
+        try:
+            need = checkpoint_world_size(run_dir, read_record(run_dir))
+        except ShortenedError:
+            continue  # judged (and refused) by the trial's own retrain check
+        if need is not None and need != want:
+            bad.append(f"{run_dir.name} needs {need}")
+    if bad:
+        raise ShortenedError(
+            f"experiment {cfg.name!r}: unfinished trials have Ray Train checkpoints written by another worker count "
+            f"than resources.workers_per_trial {want} ({'; '.join(bad)} worker(s)); a checkpoint resumes only with "
+            "the worker count that wrote it: set resources.workers_per_trial back, or delete those runs under "
+            f"{train} to restart their training")
 
 
 def register_experiment(cfg: SweepConfig, store: ResultsStore, resume: bool) -> None:
@@ -297,11 +342,37 @@ def _tune(cfg: SweepConfig, store: ResultsStore, trainable, run_name: str, n_con
                                   callbacks=[StoreCallback(store.url, cfg.name, len(specs) if specs else None)],
                                   verbose=0),
     )
-    grid = tuner.fit()
+    hide = _HideTuneRestoreHint()
+    tune_log = logging.getLogger("ray.tune.tune")
+    tune_log.addFilter(hide)
+    try:
+        grid = tuner.fit()
+    finally:
+        tune_log.removeFilter(hide)
     errors = [r for r in grid if r.error]
     if errors:
         raise ShortenedError(f"{len(errors)} trial(s) failed; first: {errors[0].error!r} (details in the store: "
                              f"shortened results {cfg.experiment_dir()})")
+    unfinished = [r for r in grid if "result_json" not in (r.metrics or {})]
+    missing = [s.key for s in specs or [] if not (trial_dir(cfg.experiment_dir(), s.key) / RESULT_JSON).is_file()]
+    if unfinished or missing or hide.interrupted:
+        n = max(len(unfinished), len(missing))
+        raise SweepInterrupted(f"sweep {cfg.name!r} was interrupted with {n} trial(s) unfinished"
+                               f"{' (' + ', '.join(missing) + ')' if missing else ''}; nothing was selected. "
+                               f"{resume_hint(cfg)}")
+
+
+class _HideTuneRestoreHint(logging.Filter):
+    """Tune tells an interrupted run to resume with ``Tuner.restore(...)``; a sweep resumes with its own command."""
+
+    interrupted = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "Tuner.restore" in msg or "has been interrupted" in msg:
+            self.interrupted = True
+            return False
+        return True
 
 
 def _ensure_scores(cfg: SweepConfig, n_remove_max: int) -> None:
@@ -380,56 +451,74 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = N
 
     start = time.perf_counter()
     check_job_paths(storage_path=cfg.storage_path)
-    cfg = cfg.model_copy(update={"storage_path": str(Path(cfg.storage_path).expanduser().resolve())})
+    cfg = resolve_local_paths(cfg.model_copy(update={
+        "storage_path": str(Path(cfg.storage_path).expanduser().resolve())}))
     preflight(cfg)
     n_remove_max = _max_blocks(cfg)
     check_experiment(cfg, resume)
-    started_ray = connect(address)
+    existed = cfg.experiment_dir().exists()
+    lock = ExperimentLock(cfg.experiment_dir(), f"experiment {cfg.name!r} ({cfg.experiment_dir()})").acquire()
+    started_ray = False
     try:
-        check_shared_storage(cfg.storage_path)
-        check_trial_fits(cfg)
-        n_concurrent = concurrency(cfg, cluster_capacity())
-        store = ResultsStore(cfg.resolved_store_url())
-        register_experiment(cfg, store, resume)
-        recover_finished(cfg, store)
-        os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials resolve relative paths like the driver does
-        before = {t["key"] for t in store.trials(cfg.name) if t["status"] == "completed"}
-        log.warning("sweep %s: %d trial(s) at a time, experiment folder %s", cfg.name, n_concurrent,
-                    cfg.experiment_dir())
-        phases = {}
-        t = time.perf_counter()
-        _ensure_scores(cfg, n_remove_max)
-        phases["scores"] = time.perf_counter() - t
-        t = time.perf_counter()
-        trainable = tune.with_parameters(_trainable, sweep=cfg.model_dump(mode="json"), worker_env=worker_env)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        if cfg.search == "grid":
-            pending = longest_first([s for s in grid_specs(cfg) if s.key not in before])
-            _tune(cfg, store, trainable, f"grid-{stamp}", n_concurrent, specs=pending)
-        else:
-            if DENSE not in before:
-                _tune(cfg, store, trainable, f"dense-{stamp}", 1, specs=[TrialSpec(method=DENSE)])
-            trials = store.trials(cfg.name)
-            baseline = metric_value(next(t for t in trials if t["key"] == DENSE), cfg.selection.metric)
-            known = {t["blocks_requested"]: metric_value(t, cfg.selection.metric) for t in trials
-                     if t["status"] == "completed" and t["key"] != DENSE and t["blocks_requested"] is not None}
-            searcher = BisectSearcher.create(cfg, n_remove_max, baseline, known)
-            _tune(cfg, store, trainable, f"bisect-{stamp}", 1, searcher=searcher, num_samples=n_remove_max + 1)
-        phases["trials"] = time.perf_counter() - t
-        t = time.perf_counter()
-        if cfg.eval.speed:
-            _speed_pass(cfg, store)
-        phases["speed"] = time.perf_counter() - t
-        trials = store.trials(cfg.name)
-        choice = select(trials, cfg.selection)
-        write_json_atomic(cfg.experiment_dir() / SELECTION_JSON, choice.to_json())
-        store.set_experiment(cfg.name, status="completed", selected_trial=choice.chosen and choice.chosen["key"])
-        ran = sorted({t["key"] for t in trials if t["status"] == "completed"} - before)
-        write_json_atomic(cfg.experiment_dir() / TIMINGS_JSON, {
-            "resumed": resume, "concurrency": n_concurrent, "phases_s": phases, "sweep_s": time.perf_counter() - start,
-            "trials_run": ran})
-        return SweepOutcome(cfg.name, cfg.experiment_dir(), store.url, trials, choice, time.perf_counter() - start,
-                            ran, n_concurrent, phases)
+        check_experiment(cfg, resume)  # again, now that no other driver can change it
+        if resume and any(m != "none" for m in cfg.methods):
+            check_train_runs(cfg)
+        started_ray = connect(address)
+        return _run_locked(cfg, resume, worker_env, start, n_remove_max)
+    except KeyboardInterrupt as exc:
+        raise SweepInterrupted(f"sweep {cfg.name!r} was interrupted; nothing was selected. {resume_hint(cfg)}") \
+            from exc
     finally:
+        lock.release()
+        if not existed and cfg.experiment_dir().is_dir() and not any(cfg.experiment_dir().iterdir()):
+            cfg.experiment_dir().rmdir()  # refused before anything was written: leave nothing behind
         if started_ray:
             ray.shutdown()
+
+
+def _run_locked(cfg: SweepConfig, resume: bool, worker_env: dict[str, str] | None, start: float,
+                n_remove_max: int) -> SweepOutcome:
+    check_shared_storage(cfg.storage_path)
+    check_trial_fits(cfg)
+    n_concurrent = concurrency(cfg, cluster_capacity())
+    store = ResultsStore(cfg.resolved_store_url())
+    register_experiment(cfg, store, resume)
+    recover_finished(cfg, store)
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials resolve relative paths like the driver does
+    before = {t["key"] for t in store.trials(cfg.name) if t["status"] == "completed"}
+    log.warning("sweep %s: %d trial(s) at a time, experiment folder %s", cfg.name, n_concurrent,
+                cfg.experiment_dir())
+    phases = {}
+    t = time.perf_counter()
+    _ensure_scores(cfg, n_remove_max)
+    phases["scores"] = time.perf_counter() - t
+    t = time.perf_counter()
+    trainable = tune.with_parameters(_trainable, sweep=cfg.model_dump(mode="json"), worker_env=worker_env)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if cfg.search == "grid":
+        pending = longest_first([s for s in grid_specs(cfg) if s.key not in before])
+        _tune(cfg, store, trainable, f"grid-{stamp}", n_concurrent, specs=pending)
+    else:
+        if DENSE not in before:
+            _tune(cfg, store, trainable, f"dense-{stamp}", 1, specs=[TrialSpec(method=DENSE)])
+        trials = store.trials(cfg.name)
+        baseline = metric_value(next(t for t in trials if t["key"] == DENSE), cfg.selection.metric)
+        known = {t["blocks_requested"]: metric_value(t, cfg.selection.metric) for t in trials
+                 if t["status"] == "completed" and t["key"] != DENSE and t["blocks_requested"] is not None}
+        searcher = BisectSearcher.create(cfg, n_remove_max, baseline, known)
+        _tune(cfg, store, trainable, f"bisect-{stamp}", 1, searcher=searcher, num_samples=n_remove_max + 1)
+    phases["trials"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if cfg.eval.speed:
+        _speed_pass(cfg, store)
+    phases["speed"] = time.perf_counter() - t
+    trials = store.trials(cfg.name)
+    choice = select(trials, cfg.selection)
+    write_json_atomic(cfg.experiment_dir() / SELECTION_JSON, choice.to_json())
+    store.set_experiment(cfg.name, status="completed", selected_trial=choice.chosen and choice.chosen["key"])
+    ran = sorted({t["key"] for t in trials if t["status"] == "completed"} - before)
+    write_json_atomic(cfg.experiment_dir() / TIMINGS_JSON, {
+        "resumed": resume, "concurrency": n_concurrent, "phases_s": phases, "sweep_s": time.perf_counter() - start,
+        "trials_run": ran})
+    return SweepOutcome(cfg.name, cfg.experiment_dir(), store.url, trials, choice, time.perf_counter() - start,
+                        ran, n_concurrent, phases)
