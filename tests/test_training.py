@@ -60,6 +60,21 @@ def test_zero2_cpt_trains_and_exports_a_loadable_model(ray_cluster, tiny_llama_d
     again = retrain(str(tiny_llama_dir), str(out), cfg(zero_stage=2, token_log=True),
                     storage_path=str(tmp_path / "s"), name="z2", scale=ScaleConfig(num_workers=2), overwrite=True)
     assert again.metrics["step"] == 16 and trained_tokens(out, 2) == tokens
+    record = json.loads((out / "retraining.json").read_text())
+    assert record["tokens"] == record["phases"][0]["tokens_requested"] == SEQ * 2 * 2 * 16
+    assert record["tokens_trained"] == record["tokens_trained_total"] == SEQ * 2 * 2 * 16
+    assert record["world_size"] == 2 and [p["run"] for p in record["phases"]] == ["z2"]
+    # the same name for another retraining, or another worker count: refused before any worker starts
+    ckpts = sorted(p.name for p in (tmp_path / "s" / "z2").glob("checkpoint_*"))
+    stamp = (out / "retraining.json").stat().st_mtime_ns
+    with pytest.raises(ShortenedError, match=r"run 'z2' .* train.lr \(was 0.003, now 0.001\)"):
+        retrain(str(tiny_llama_dir), str(out), cfg(zero_stage=2, token_log=True, lr=1e-3),
+                storage_path=str(tmp_path / "s"), name="z2", scale=ScaleConfig(num_workers=2), overwrite=True)
+    with pytest.raises(ShortenedError, match=r"checkpointed by 2 worker\(s\).*use --workers 2"):
+        retrain(str(tiny_llama_dir), str(out), cfg(zero_stage=2, token_log=True), storage_path=str(tmp_path / "s"),
+                name="z2", scale=ScaleConfig(num_workers=1), overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "s" / "z2").glob("checkpoint_*")) == ckpts
+    assert (out / "retraining.json").stat().st_mtime_ns == stamp and trained_tokens(out, 2) == tokens
 
 
 def test_zero3_worker_killed_mid_run_resumes_the_exact_token_stream(ray_cluster, tiny_llama_dir, tmp_path):
@@ -169,6 +184,12 @@ def test_cli_cpt_then_lora_runs_two_phases(ray_cluster, tiny_llama_dir, tmp_path
     assert lora["method"] == "lora" and lora["base_model"] == str(tmp_path / "s" / "healed-cpt" / "model")
     cpt = json.loads((tmp_path / "s" / "healed-cpt" / "model" / "retraining.json").read_text())
     assert cpt["method"] == "cpt" and cpt["history"][-1]["tokens"] == 1024
+    # the final record states both phases: 1024 CPT tokens, then 512 LoRA tokens on the given modules
+    assert [(p["method"], p["run"], p["tokens_requested"], p["tokens_trained"], p["world_size"])
+            for p in lora["phases"]] == [("cpt", "healed-cpt", 1024, 1024, 2), ("lora", "healed-lora", 512, 512, 2)]
+    assert lora["tokens_trained_total"] == 1536 and lora["tokens_trained"] == 512
+    assert sorted(lora["lora_targets"]["modules"]) == sorted(
+        f"{'self_attn' if r in 'qkvo' else 'mlp'}.{r}_proj" for r in ("q", "k", "v", "o", "gate", "up", "down"))
     AutoModelForCausalLM.from_pretrained(out)  # plain transformers loads the merged result
     assert main(["retrain", "--model", str(tiny_llama_dir), "--config", str(tmp_path / "missing.yaml"),
                  "--out", str(tmp_path / "x")]) == 2
