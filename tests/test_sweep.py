@@ -166,6 +166,89 @@ def test_store_upserts_are_idempotent(tmp_path):
         ResultsStore("nosuchdialect://x")
 
 
+# -- one driver per experiment; resume checks; interruption ---------------------------------------------------------
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from shortened.sweep.lock import ExperimentLock
+ExperimentLock(Path(sys.argv[1]), "experiment").acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_driver_is_refused_and_a_dead_one_taken_over(tmp_path, tiny_llama_dir):
+    import ray
+
+    from shortened.sweep.lock import LOCK_NAME, ExperimentLock
+    from shortened.sweep.runner import run_sweep
+
+    cfg = SweepConfig.model_validate(tiny_sweep(tiny_llama_dir, tmp_path / "runs"))
+    exp = cfg.experiment_dir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(exp)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ShortenedError) as err:
+            run_sweep(cfg)
+        msg = str(err.value)
+        assert f"pid {holder.pid}" in msg and f"host {os.uname().nodename}" in msg and "since 20" in msg, msg
+        assert "another driver" in msg and str(exp / LOCK_NAME) in msg
+        assert not ray.is_initialized() and os.listdir(exp) == [LOCK_NAME]  # nothing of the sweep was written
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died (kill -9 leaves its lock): the next driver takes over, as --resume after a crash does
+    lock = ExperimentLock(exp, "experiment").acquire()
+    assert lock.took_over["pid"] == holder.pid and "is gone" in lock.took_over["why"]
+    lock.release()
+    assert not (exp / LOCK_NAME).exists()
+
+
+def test_lock_heartbeat_and_holders_on_other_hosts(tmp_path):
+    from shortened.sweep.lock import LOCK_NAME, ExperimentLock
+
+    lock = ExperimentLock(tmp_path, "e", heartbeat_s=0.1).acquire()
+    first = json.loads((tmp_path / LOCK_NAME).read_text())["heartbeat"]
+    time.sleep(0.5)
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["heartbeat"] > first  # refreshed while held
+    lock.release()
+    # another host's driver: alive while its heartbeat is fresh, dead once it is older than the limit
+    other = {"host": "other-node", "pid": 1, "since": time.time() - 60, "since_utc": "2026-01-01 00:00:00 UTC",
+             "token": "t"}
+    (tmp_path / LOCK_NAME).write_text(json.dumps({**other, "heartbeat": time.time() - 5}))
+    with pytest.raises(ShortenedError, match="host other-node, pid 1, since 2026-01-01 00:00:00 UTC"):
+        ExperimentLock(tmp_path, "e", stale_after_s=60).acquire()
+    (tmp_path / LOCK_NAME).write_text(json.dumps({**other, "heartbeat": time.time() - 61}))
+    lock = ExperimentLock(tmp_path, "e", stale_after_s=60).acquire()
+    assert lock.took_over["host"] == "other-node" and "no heartbeat for 61 s" in lock.took_over["why"]
+    lock.release()
+
+
+def test_resume_with_another_worker_count_is_refused_before_ray(tmp_path, tiny_llama_dir):
+    import ray
+
+    from shortened.sweep.config import resolve_local_paths
+    from shortened.sweep.runner import SWEEP_JSON, run_sweep
+    from shortened.training.identity import write_record
+
+    one = SweepConfig.model_validate(tiny_sweep(tiny_llama_dir, tmp_path / "runs"))
+    exp = one.experiment_dir()
+    exp.mkdir(parents=True)
+    (exp / SWEEP_JSON).write_text(json.dumps(resolve_local_paths(one).model_dump(mode="json")))
+    for key in ("ppl-b2-cpt", "ppl-b4-lora"):  # both checkpointed by 1 worker; ppl-b4-lora finished since
+        write_record(exp / "train" / key, {"num_workers": 1})
+        (exp / "train" / key / "checkpoint_x").mkdir()
+        (exp / "train" / key / "checkpoint_x" / "data_cursor_rank0.json").write_text("{}")
+    (exp / "trials" / "ppl-b4-lora").mkdir(parents=True)
+    (exp / "trials" / "ppl-b4-lora" / "result.json").write_text("{}")
+    two = SweepConfig.model_validate(tiny_sweep(tiny_llama_dir, tmp_path / "runs",
+                                                resources={"workers_per_trial": 2, "cpus_per_worker": 0.95}))
+    with pytest.raises(ShortenedError, match=r"workers_per_trial 2 \(ppl-b2-cpt needs 1 worker\(s\)\)"):
+        run_sweep(two, resume=True)
+    assert not ray.is_initialized() and not (exp / "driver.lock").exists()
+
+
 # -- full sweeps on local Ray -----------------------------------------------------------------------------------------
 
 def tune_results(exp_dir: Path) -> dict[str, dict]:
@@ -304,3 +387,35 @@ def test_bisect_finds_the_boundary_of_the_grid_in_log2_trials(tmp_path, short_sm
 def test_shipped_configs_validate(name):
     cfg = load_sweep_config(REPO / "jobs" / "configs" / f"{name}.yaml")
     assert len(grid_specs(cfg)) == 1 + len(cfg.criteria) * len(cfg.ratios) * len(cfg.methods)
+
+
+
+def test_interrupted_sweep_says_how_to_resume_and_selects_nothing(tmp_path, tiny_llama_dir, local_ray, monkeypatch,
+                                                                  caplog):
+    from shortened.sweep import runner
+
+    driver, marker = os.getpid(), str(tmp_path / "interrupted")
+
+    def interrupting(config, sweep, worker_env=None):  # the first trial to start Ctrl-Cs the driver
+        import os
+        import signal
+        import time
+
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            os.kill(driver, signal.SIGINT)
+        except FileExistsError:
+            pass
+        time.sleep(60)
+
+    monkeypatch.setattr(runner, "_trainable", interrupting)
+    cfg = SweepConfig.model_validate(tiny_sweep(tiny_llama_dir, tmp_path / "runs", criteria=["magnitude"],
+                                                methods=["none"], blocks=[2], eval={"ppl": ["wikitext2"]}))
+    with pytest.raises(runner.SweepInterrupted) as err:
+        runner.run_sweep(cfg)
+    msg = str(err.value)
+    exp = cfg.experiment_dir()
+    assert "interrupted" in msg and "shortened sweep CONFIG --resume" in msg and str(exp / "sweep.json") in msg
+    assert "Tuner.restore" not in msg + caplog.text
+    assert not (exp / "selection.json").exists() and not (exp / "driver.lock").exists()
+    assert (exp / "sweep.json").exists()  # what --resume needs
