@@ -249,6 +249,35 @@ def test_resume_with_another_worker_count_is_refused_before_ray(tmp_path, tiny_l
     assert not ray.is_initialized() and not (exp / "driver.lock").exists()
 
 
+def test_local_paths_are_absolute_at_load_and_checked_before_ray(tmp_path, tiny_llama_dir, monkeypatch):
+    import shutil
+
+    import ray
+
+    from shortened.sweep.runner import run_sweep
+
+    shutil.copytree(tiny_llama_dir, tmp_path / "tiny")
+    (tmp_path / "good.jsonl").write_text('{"text": "hello"}\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_sweep(Path("tiny"), Path("runs"), methods=["distill"],
+                     train={"train_tokens": 512, "data": {"source": "good.jsonl", "seq_len": 64},
+                            "distill": {"teacher": "tiny"}}, calibration={"source": "good.jsonl", "n_samples": 1,
+                                                                            "seq_len": 4})
+    loaded = load_sweep_config(write_yaml(tmp_path / "s.yaml", cfg))
+    assert loaded.model == loaded.train.distill.teacher == str(tmp_path / "tiny")
+    assert loaded.train.data.source == loaded.calibration.source == str(tmp_path / "good.jsonl")
+    assert load_sweep_config(write_yaml(tmp_path / "h.yaml", {**cfg, "model": "smollm2"})).model == "smollm2"
+    # a model folder with only config.json, a teacher that is nowhere: refused before Ray, nothing written
+    (tmp_path / "cfg-only").mkdir()
+    shutil.copy(tmp_path / "tiny" / "config.json", tmp_path / "cfg-only")
+    for change, message in [({"model": "cfg-only"}, "cfg-only': the folder has config.json but no weight files"),
+                            ({"train": {**cfg["train"], "distill": {"teacher": "gone/teacher"}}},
+                             "distill teacher 'gone/teacher'")]:
+        with pytest.raises(ShortenedError, match=message):
+            run_sweep(load_sweep_config(write_yaml(tmp_path / "c.yaml", {**cfg, **change})))
+        assert not ray.is_initialized() and not (tmp_path / "runs").exists()
+
+
 # -- full sweeps on local Ray -----------------------------------------------------------------------------------------
 
 def tune_results(exp_dir: Path) -> dict[str, dict]:

@@ -65,7 +65,17 @@ def preflight(cfg: SweepConfig) -> None:
     from shortened.models import resolve_source
     from shortened.paths import shared_data_dir
 
-    resolve_source(cfg.model, cfg.gguf_file)
+    src = resolve_source(cfg.model, cfg.gguf_file)
+    if not src.gguf_file and Path(src.path).is_dir():
+        from shortened.training.identity import WEIGHT_SUFFIXES
+
+        if not any(f.name.endswith(WEIGHT_SUFFIXES) for f in Path(src.path).iterdir()):
+            raise ShortenedError(f"model {cfg.model!r}: the folder has config.json but no weight files "
+                                 "(*.safetensors, *.bin)")
+    if "distill" in cfg.methods and cfg.train.distill.teacher:
+        from shortened.training.retrain import resolve_teacher
+
+        resolve_teacher(cfg.train.distill.teacher, "train.distill.teacher")
     if any(m != "none" for m in cfg.methods):
         try:
             DocumentStream(cfg.train.data)
