@@ -312,8 +312,24 @@ def _tokenizer(args: argparse.Namespace, needed_for: str | None):
 def _calibration_config(args: argparse.Namespace):
     from shortened.data.calibration import CalibrationConfig
 
-    return validated(CalibrationConfig, dict(source=args.calib_source, n_samples=args.calib_samples,
-                                             seq_len=args.calib_seq_len, seed=args.seed), "calibration option")
+    cfg = validated(CalibrationConfig, dict(source=args.calib_source, n_samples=args.calib_samples,
+                                            seq_len=args.calib_seq_len, seed=args.seed), "calibration option")
+    _check_local_source(cfg.source, cfg.split, "--calib-source")
+    return cfg
+
+
+def _check_local_source(source: str, split: str, flag: str) -> None:
+    """A local corpus that is missing or empty fails here, before the model loads (remote and hub sources are
+    listed when read)."""
+    from shortened.data.sources import is_hub, resolve_alias, resolve_shards
+
+    resolved = resolve_alias(source, split)
+    if is_hub(resolved) or "://" in resolved:
+        return
+    try:
+        resolve_shards(resolved)
+    except ShortenedError as exc:
+        raise ShortenedError(f"{flag}: {exc}") from exc
 
 
 def _scores_for(args: argparse.Namespace, model, n_remove: int | None, tokenizer=None):
@@ -327,6 +343,9 @@ def _scores_for(args: argparse.Namespace, model, n_remove: int | None, tokenizer
         cfg = _calibration_config(args)
         if tokenizer is None:
             tokenizer = _tokenizer(args, f"criterion {args.criterion!r} (calibration text)")
+        from shortened.models import check_positions
+
+        check_positions(model, cfg.seq_len, "--calib-seq-len")
         calibration = calibration_windows(tokenizer, cfg)
         calib_info = describe(cfg, calibration)
     scores = score_blocks(model, args.criterion, calibration, keep_first=args.keep_first, keep_last=args.keep_last,
@@ -431,6 +450,9 @@ def cmd_prune_width(args: argparse.Namespace) -> int:
     plan = plan_for_params(model, int(before * (1 - args.ratio)) if target is None else target, args.score)
     calibration = None
     if calib_cfg is not None:
+        from shortened.models import check_positions
+
+        check_positions(model, calib_cfg.seq_len, "--calib-seq-len")
         calibration = calibration_windows(tokenizer, calib_cfg)
     prune_width(model, plan, width_scores(model, args.score, calibration))
     out = save_width_pruned(model, plan, args.out, tokenizer, source=args.model, params_before=before,
@@ -501,9 +523,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     nothing_asked = args.ppl is None and not args.tasks and not args.speed
     ppl = "wikitext2,ptb" if nothing_asked else (args.ppl or "")
-    fields = dict(ppl=[d.strip() for d in ppl.split(",") if d.strip()], ppl_protocol=args.ppl_protocol,
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if args.tasks is not None and not tasks:
+        raise ShortenedError(f"--tasks {args.tasks!r} names no task; give task names or 'all', or leave it out")
+    ppl_sets = [d.strip() for d in ppl.split(",") if d.strip()]
+    if not ppl_sets and not tasks and not args.speed:
+        raise ShortenedError("nothing to evaluate: --ppl is empty and neither --tasks nor --speed is given")
+    fields = dict(ppl=ppl_sets, ppl_protocol=args.ppl_protocol,
                   ppl_seq_len=args.ppl_seq_len, ppl_bos=args.ppl_bos, ppl_max_windows=args.ppl_windows,
-                  tasks=[t for t in (args.tasks or "").split(",") if t.strip()], tasks_source=args.tasks_source,
+                  tasks=tasks, tasks_source=args.tasks_source,
                   limit=args.limit, speed=args.speed,
                   speed_batch_sizes=_int_list(args.speed_batch_sizes, "--speed-batch-sizes"),
                   speed_new_tokens=_int_list(args.speed_new_tokens, "--speed-new-tokens"),
@@ -563,6 +591,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     from shortened.data.sources import is_hub
 
     split = args.split or "train"
+    if args.gguf_file and not args.tokenizer:
+        raise ShortenedError(f"--gguf-file {args.gguf_file!r} names a file in the --tokenizer folder; add --tokenizer")
     error = alias_split_error(args.source, split)
     if error:
         raise ShortenedError(f"--{error}")

@@ -35,21 +35,26 @@ def dir_mode() -> int:
     return 0o777 & ~umask()
 
 
-def write_json_atomic(path: str | Path, data: object) -> None:
-    """Write JSON through a temporary file beside ``path``, renamed into place; the file gets the umask's mode
-    (``mkstemp`` alone would leave it 0600, unreadable by the rest of a team on shared storage)."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write text through a temporary file beside ``path``, renamed into place, so an interruption leaves the old
+    file or the new one, never half of one; the file gets the umask's mode (``mkstemp`` alone would leave it
+    0600, unreadable by the rest of a team on shared storage)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             os.fchmod(f.fileno(), file_mode())
-            json.dump(data, f, indent=2)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, data: object) -> None:
+    """JSON (indented, newline-terminated) through :func:`write_text_atomic`."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def make_staging_dir(final: Path) -> Path:

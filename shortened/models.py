@@ -173,6 +173,27 @@ def generation_pad_id(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     return 0
 
 
+def max_positions(config) -> int | None:
+    """The longest sequence the model's config says it handles (``max_position_embeddings``, ``n_positions``, …),
+    or None when it names none."""
+    config = getattr(config, "config", config)
+    config = getattr(config, "get_text_config", lambda: config)()
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_positions(model, length: int, what: str) -> None:
+    """Refuse ``length`` tokens per sequence beyond the model's positions, before any forward: past them a model
+    silently returns garbage, or a forward takes hours (``what`` names the option: ``--ppl-seq-len 100000``)."""
+    limit = max_positions(model)
+    if limit is not None and length > limit:
+        raise ShortenedError(f"{what}: {length} tokens per sequence, but the model handles at most {limit} "
+                             "(its max_position_embeddings)")
+
+
 def count_params(module: torch.nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())

@@ -112,6 +112,40 @@ def test_sweep_yaml_refuses_a_misspelt_calibration_field(tmp_path):
         load_sweep_config(str(cfg))
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--ppl", "", "--out", "r.json"], "nothing to evaluate: --ppl is empty"),
+    (["eval", "--tasks", ",", "--out", "r.json"], "--tasks ',' names no task"),
+    (["score", "--criterion", "ppl", "--calib-source", "./no-corpus/", "--out", "s.json"],
+     "--calib-source: data source './no-corpus/' does not exist"),
+    (["prune-width", "--ratio", "0.1", "--calib-source", "none-*.jsonl", "--out", "o"],
+     "--calib-source: data source 'none-*.jsonl': the glob matches no file"),
+])
+def test_options_that_would_be_dropped_or_fail_late_are_refused_first(no_loading, tiny_llama_dir, tmp_path,
+                                                                       monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main([argv[0], "--model", str(tiny_llama_dir), *argv[1:]]) == 2
+    assert message in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
+def test_data_gguf_file_without_tokenizer_is_refused(capsys):
+    assert main(["data", "slimpajama-sample", "--gguf-file", "x.gguf"]) == 2
+    assert "--gguf-file 'x.gguf' names a file in the --tokenizer folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--ppl", "ptb", "--ppl-seq-len", "300"], "--ppl-seq-len: 300 tokens per sequence, but the model "
+                                                       "handles at most 256"),
+    (["eval", "--ppl", "ptb", "--ppl-protocol", "gptq"], "--ppl-protocol gptq (2048-token windows): 2048 tokens"),
+    (["eval", "--speed", "--speed-new-tokens", "4,300"], "--speed-new-tokens 300 (after the"),
+    (["score", "--criterion", "ppl", "--calib-seq-len", "257"], "--calib-seq-len: 257 tokens per sequence"),
+])
+def test_lengths_beyond_the_model_positions_fail_before_any_forward(tiny_llama_dir, tmp_path, capsys, argv,
+                                                                     message):
+    out = tmp_path / "o.json"
+    assert run(argv[0], "--model", tiny_llama_dir, *argv[1:], "--quiet", "--out", out) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
 # -- a mistyped split or a missing local path is named, never a silent switch to the hub ----------------------------
 
 def test_data_split_typo_is_refused_not_streamed_from_the_hub(capsys, tmp_path):

@@ -66,8 +66,20 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: Ev
     import transformers
 
     from shortened.blocks import num_layers
-    from shortened.evaluation.speed import compare_speed
-    from shortened.models import count_params
+    from shortened.evaluation.speed import PROMPT, compare_speed
+    from shortened.models import check_positions, count_params
+
+    # Lengths the model cannot take fail here, before any work (past its positions a forward is garbage or hours).
+    if cfg.ppl:
+        seq_len = cfg.ppl_seq_len or PROTOCOL_SEQ_LEN[cfg.ppl_protocol]
+        check_positions(model, seq_len, "--ppl-seq-len" if cfg.ppl_seq_len else
+                        f"--ppl-protocol {cfg.ppl_protocol} ({seq_len}-token windows)")
+    if cfg.speed:
+        for name, (m, tok) in {"model": (model, tokenizer), **({"baseline": baseline} if baseline else {})}.items():
+            prompt = len(tok(PROMPT, add_special_tokens=False).input_ids)
+            longest = prompt + max(cfg.speed_new_tokens)
+            check_positions(m, longest, f"--speed-new-tokens {max(cfg.speed_new_tokens)} (after the {prompt}-token "
+                                        f"prompt, on the {name})")
 
     start = time.perf_counter()
     result: dict = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from shortened.errors import ShortenedError
+from shortened.io import write_text_atomic
 from shortened.sweep.selection import Choice, metric_value, pareto_front
 from shortened.sweep.store import ResultsStore
 from shortened.sweep.trial import DENSE
@@ -177,7 +178,7 @@ def write_report(store: ResultsStore, name: str, out_dir: str | Path, choice: Ch
         text += [f"![{c}]({p.name})" for c, p in plots]
         text += ["", "## Trials", "", markdown_table(headers, rows), ""]
         out = out_dir / "report.md"
-        out.write_text("\n".join(text))
+        write_text_atomic(out, "\n".join(text))
     else:
         cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
         body = (f"<h1>Sweep report: {html.escape(name)}</h1>"
@@ -186,6 +187,6 @@ def write_report(store: ResultsStore, name: str, out_dir: str | Path, choice: Ch
                 + "<h2>Trials</h2><table border=1 cellpadding=3><tr>"
                 + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + f"</tr>{cells}</table>")
         out = out_dir / "report.html"
-        out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(name)}</title></head>"
-                       f"<body>{body}</body></html>")
+        write_text_atomic(out, f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(name)}</title>"
+                               f"</head><body>{body}</body></html>")
     return out
