@@ -754,7 +754,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         try:
-            return args.func(args)
+            code = args.func(args)
+            sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not in the interpreter's exit
+            return code
         except ShortenedError as exc:
             print(f"{command}: error: {exc}", file=sys.stderr)
             return 2
