@@ -2,12 +2,24 @@
 
 No per-family table: the block list is the one ``nn.ModuleList`` whose length is the config's layer count and
 whose children share one class. Removal renumbers every ``layer_idx`` inside the kept blocks, sets
-``num_hidden_layers`` and subsets every per-layer config list (``layer_types`` and the like).
+``num_hidden_layers`` and rewrites every config field that encodes per-layer structure so that the config describes
+exactly the kept blocks:
+
+- per-layer lists (one entry per block: ``layer_types``, ``mlp_layer_types``, ``no_rope_layers``, …) and per-layer
+  strings (``hybrid_override_pattern``) keep the kept blocks' entries;
+- index lists (``mlp_only_layers``, ``moe_layers``, ``attn_layer_indices``, …) are remapped to the new indices;
+- formulas over the layer index are turned into their explicit form where the config class has one
+  (``decoder_sparse_step`` → ``mlp_only_layers``).
+
+Whether that worked is checked by :mod:`shortened.structure` (a meta-device rebuild compared module by module);
+a layout no config can express is refused there, before anything is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -58,7 +70,12 @@ def find_blocks(model: PreTrainedModel) -> BlockList:
         raise ShortenedError(f"model_type {model_type!r} is an encoder-decoder; only decoder-only models are supported")
     n = num_layers(model.config)
     candidates = []
+    # Multimodal models also hold vision/audio encoder stacks; the decoder's own submodule holds the blocks.
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    inside = {id(m) for m in decoder.modules()} if isinstance(decoder, nn.Module) and decoder is not model else None
     for name, module in model.named_modules():
+        if inside is not None and id(module) not in inside:
+            continue
         if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
             if n is None or len(module) == n:
                 candidates.append(name)
@@ -76,16 +93,106 @@ def block_param_counts(model: PreTrainedModel) -> list[int]:
     return [count_params(b) for b in find_blocks(model).blocks]
 
 
+_LAYERISH = re.compile(r"layer|idx|indices|_ids$|step|interval|period|offset|replace|pattern|freq|every")
+
+
+def _is_index_list(key: str, value: object, n: int) -> bool:
+    """A sorted list of distinct block indices (``mlp_only_layers=[4]``), as opposed to one entry per block."""
+    if not (isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return False
+    if not re.search(r"layer|idx|indices|ids", key) or list(value) != sorted(set(value)):
+        return False
+    if not all(0 <= v < n for v in value):
+        return False
+    return len(value) != n or list(value) == list(range(n))
+
+
 def _per_layer_keys(config: PretrainedConfig, n: int) -> list[str]:
-    """Config fields that hold one entry per layer (e.g. ``layer_types``)."""
-    return [k for k, v in vars(config).items() if isinstance(v, (list, tuple)) and len(v) == n and not k.startswith("_")]
+    """Config fields that hold one entry per layer (e.g. ``layer_types``, ``hybrid_override_pattern``)."""
+    keys = []
+    for k, v in vars(config).items():
+        if k.startswith("_") or _is_index_list(k, v, n):
+            continue
+        if isinstance(v, (list, tuple)) and len(v) == n:
+            keys.append(k)
+        elif isinstance(v, str) and len(v) == n and n > 1 and "pattern" in k:
+            keys.append(k)
+    return keys
+
+
+def _index_list_keys(config: PretrainedConfig, n: int) -> list[str]:
+    return [k for k, v in vars(config).items() if not k.startswith("_") and v and _is_index_list(k, v, n)]
+
+
+def layout_fields(config: PretrainedConfig) -> list[str]:
+    """Config fields whose names say they may encode per-layer structure (named in refusals)."""
+    cfg = text_config(config)
+    return sorted(k for k, v in vars(cfg).items() if not k.startswith("_") and k not in _LAYER_COUNT_KEYS
+                  and _LAYERISH.search(k) and v is not None and not isinstance(v, float)
+                  and not re.search(r"norm|eps|drop|scale_init|hidden_size_per", k))
+
+
+def _explicit_sparse_step(cfg: PretrainedConfig, n: int, kept: Sequence[int]) -> None:
+    """Qwen-MoE style ``decoder_sparse_step``: block i is MoE iff i is not in ``mlp_only_layers``, experts exist and
+    ``(i + 1) % step == 0``. Rewritten as step 1 plus the explicit list of dense kept blocks."""
+    step = getattr(cfg, "decoder_sparse_step", None)
+    if not isinstance(step, int) or step <= 1 or not hasattr(cfg, "mlp_only_layers"):
+        return
+    dense = set(getattr(cfg, "mlp_only_layers") or [])
+    experts = getattr(cfg, "num_experts", 1) or 0
+    is_moe = [i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(n)]
+    cfg.decoder_sparse_step = 1
+    cfg.mlp_only_layers = [i for i in range(n) if not is_moe[i]]  # original indices; remapped with the other lists
+
+
+def _explicit_first_k_dense(cfg: PretrainedConfig, n: int, kept: Sequence[int]) -> None:
+    """DeepSeek style ``first_k_dense_replace``: blocks below k are dense (with ``moe_layer_freq`` 1 or absent, the
+    rest MoE). Dense blocks stay a prefix after removal, so k becomes the number of kept blocks below it."""
+    k = getattr(cfg, "first_k_dense_replace", None)
+    if not isinstance(k, int) or getattr(cfg, "moe_layer_freq", 1) not in (1, None):
+        return
+    cfg.first_k_dense_replace = sum(1 for i in kept if i < k)
+
+
+# Formulas over the layer index, turned into an explicit per-layer form before blocks are renumbered.
+_FORMULA_REWRITES = (_explicit_sparse_step, _explicit_first_k_dense)
+
+
+def rewrite_config(config: PretrainedConfig, n: int, kept: Sequence[int]) -> None:
+    """Make the (text) config describe only the ``kept`` blocks (original indices, ascending) of ``n``."""
+    cfg = text_config(config)
+    for rewrite in _FORMULA_REWRITES:
+        rewrite(cfg, n, kept)
+    new_index = {old: new for new, old in enumerate(kept)}
+    for key in _index_list_keys(cfg, n):
+        values = getattr(cfg, key)
+        setattr(cfg, key, type(values)(new_index[i] for i in values if i in new_index))
+    for key in _per_layer_keys(cfg, n):
+        values = getattr(cfg, key)
+        subset = [values[i] for i in kept]
+        setattr(cfg, key, "".join(subset) if isinstance(values, str) else type(values)(subset))
+    _set_layer_count(config, len(kept))
+
+
+def _set_module_layer_counts(model: nn.Module, old: int, new: int) -> None:
+    """Modules that copied the layer count at construction (``self.num_layers = config.n_layer``) follow it."""
+    for module in model.modules():
+        for key in _LAYER_COUNT_KEYS:
+            if getattr(module, key, None) == old and not isinstance(module, PretrainedConfig) \
+                    and key in vars(module):
+                setattr(module, key, new)
+
+
+# Names blocks use for their own index (for the KV cache, recurrent state, per-layer lookups).
+_INDEX_ATTRS = ("layer_idx", "layer_id", "layer_number")
 
 
 def _renumber(blocks: Sequence[nn.Module]) -> None:
     for new_idx, block in enumerate(blocks):
         for module in block.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_idx
+            for attr in _INDEX_ATTRS:
+                if isinstance(vars(module).get(attr), int) and not isinstance(vars(module)[attr], bool):
+                    setattr(module, attr, new_idx)
 
 
 def _set_layer_count(config: PretrainedConfig, n: int) -> None:
@@ -106,14 +213,11 @@ def remove_blocks(model: PreTrainedModel, removed: Sequence[int]) -> PreTrainedM
     if len(removed) >= n:
         raise ShortenedError(f"removed_blocks: cannot remove all {n} blocks")
     kept = [i for i in range(n) if i not in set(removed)]
-    cfg = text_config(model.config)
-    for key in _per_layer_keys(cfg, n):
-        values = getattr(cfg, key)
-        setattr(cfg, key, type(values)(values[i] for i in kept))
+    rewrite_config(model.config, n, kept)
     new_blocks = nn.ModuleList([block_list.blocks[i] for i in kept])
     setattr(block_list.parent, block_list.attr, new_blocks)
     _renumber(new_blocks)
-    _set_layer_count(model.config, len(kept))
+    _set_module_layer_counts(model, n, len(kept))
     return model
 
 
@@ -122,14 +226,14 @@ def without_blocks(model: PreTrainedModel, removed: Sequence[int]) -> Iterator[P
     """Temporarily remove blocks (same mechanism as :func:`remove_blocks`), restoring the model on exit."""
     block_list = find_blocks(model)
     original = block_list.blocks
-    cfg = text_config(model.config)
-    saved = {k: getattr(cfg, k) for k in _per_layer_keys(cfg, len(original))}
-    n_before = num_layers(model.config)
+    configs = {id(c): c for c in (model.config, text_config(model.config))}.values()
+    saved = [(c, copy.deepcopy(vars(c))) for c in configs]
     try:
         yield remove_blocks(model, removed)
     finally:
+        _set_module_layer_counts(model, len(find_blocks(model)), len(original))
         setattr(block_list.parent, block_list.attr, original)
         _renumber(original)
-        for k, v in saved.items():
-            setattr(cfg, k, v)
-        _set_layer_count(model.config, n_before)
+        for c, fields in saved:
+            vars(c).clear()
+            vars(c).update(fields)

@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from shortened.blocks import block_param_counts, find_blocks, remove_blocks
+from shortened.blocks import block_param_counts, find_blocks, layout_fields, remove_blocks
 from shortened.criteria import DATA_FREE, BlockScores, ScoringContext, get_criterion
 from shortened.errors import ShortenedError
 from shortened.io import save_model_dir
 from shortened.models import count_params
+from shortened.structure import check_config_describes, skeleton
 
 PRUNING_JSON = "pruning.json"
 
@@ -32,15 +33,28 @@ def check_ratio(ratio: float) -> None:
         raise ShortenedError(f"ratio {ratio!r} must be in [0, 1)")
 
 
-def blocks_for_ratio(model: PreTrainedModel, ratio: float) -> int:
-    """Blocks to remove so that at most ``ratio`` of the parameters go, rounded down to whole blocks.
+def param_budget(model: PreTrainedModel, ratio: float) -> int:
+    """``ratio`` of the model's parameters as a whole number: the most that ``--ratio`` may remove."""
+    check_ratio(ratio)
+    return int(math.floor(ratio * count_params(model) * (1 + 1e-9)))
 
+
+def blocks_for_ratio(model: PreTrainedModel, ratio: float, allowed: list[int] | None = None) -> int:
+    """The most blocks that fit in ``ratio`` of the parameters: the smallest ``allowed`` blocks first, each
+    counted at its real size (MoE, hybrid and dense blocks differ), so at most ``ratio`` goes.
+
+    Which blocks go is the criterion's choice under the same budget (:func:`prune`); this count bounds it.
     Paper: 20% of LLaMA-7B (6.74B params, 202M per block) → 6 of 32 blocks.
     """
-    check_ratio(ratio)
-    per_block = block_param_counts(model)
-    mean_block = sum(per_block) / len(per_block)
-    return int(math.floor(ratio * count_params(model) / mean_block + 1e-9))
+    budget = param_budget(model, ratio)
+    sizes = block_param_counts(model)
+    candidates = sorted(sizes[i] for i in (range(len(sizes)) if allowed is None else allowed))
+    n, used = 0, 0
+    for size in candidates:
+        if used + size > budget:
+            break
+        n, used = n + 1, used + size
+    return n
 
 
 def resolve_block_count(model: PreTrainedModel, *, ratio: float | None, blocks: int | None,
@@ -56,9 +70,9 @@ def resolve_block_count(model: PreTrainedModel, *, ratio: float | None, blocks: 
         n = blocks
         asked = f"blocks {blocks}"
     else:
-        n = blocks_for_ratio(model, ratio)
+        n = blocks_for_ratio(model, ratio, allowed)
         asked = f"ratio {ratio} ({n} of {n_blocks} blocks)"
-    if n > len(allowed):
+    if n > len(allowed):  # only --blocks can ask for more than the allowed blocks
         raise ShortenedError(f"{asked} removes more than the {len(allowed)} blocks that keep_first {keep_first} / "
                              f"keep_last {keep_last} allow (blocks {allowed[0]}..{allowed[-1]})")
     return n
@@ -66,13 +80,19 @@ def resolve_block_count(model: PreTrainedModel, *, ratio: float | None, blocks: 
 
 def score_blocks(model: PreTrainedModel, criterion: str, calibration: torch.Tensor | None, *, keep_first: int = 4,
                  keep_last: int = 2, batch_size: int = 1, n_remove: int | None = None, progress: bool = True,
-                 ) -> BlockScores:
-    """Run one criterion. ``calibration`` may be ``None`` only for data-free criteria (``magnitude``)."""
+                 ratio: float | None = None) -> BlockScores:
+    """Run one criterion. ``calibration`` may be ``None`` only for data-free criteria (``magnitude``).
+
+    ``ratio`` (with ``n_remove``) keeps the ``iterative`` criterion's removal steps within that share of the
+    parameters, each block counted at its real size."""
     crit = get_criterion(criterion)
     if calibration is None and criterion not in DATA_FREE:
         raise ShortenedError(f"criterion {criterion!r} needs calibration data")
     allowed = allowed_blocks(len(find_blocks(model)), keep_first, keep_last)
-    ctx = ScoringContext(allowed=allowed, batch_size=batch_size, n_remove=n_remove, progress=progress)
+    check_prunable(model, allowed)
+    ctx = ScoringContext(allowed=allowed, batch_size=batch_size, n_remove=n_remove, progress=progress,
+                         sizes=block_param_counts(model) if ratio is not None else None,
+                         max_params=param_budget(model, ratio) if ratio is not None else None)
     scores = crit.score(model, calibration, ctx)
     scores.extra.setdefault("keep_first", keep_first)
     scores.extra.setdefault("keep_last", keep_last)
@@ -87,6 +107,26 @@ def check_scores_fit(scores: BlockScores, model: PreTrainedModel, criterion: str
         raise ShortenedError(f"scores file has {len(scores.scores)} block scores; the model has {n_blocks} blocks")
 
 
+def check_prunable(model: PreTrainedModel, allowed: list[int]) -> None:
+    """Refuse, before any scoring, a model whose config cannot describe it once a block is gone.
+
+    Removes the first allowed block from a meta-device skeleton of the model (no weights) and checks that the
+    rewritten config rebuilds what is left (:func:`shortened.structure.check_config_describes`).
+    """
+    if not allowed:
+        return
+    import copy
+
+    config = copy.deepcopy(model.config)
+    shell = skeleton(type(model), config)
+    block_path = find_blocks(shell).path
+    remove_blocks(shell, [allowed[0]])
+    kept = [i for i in range(len(find_blocks(model))) if i != allowed[0]]
+    check_config_describes(shell, shell.config, block_path=block_path, kept=kept,
+                           where=f"removing block {allowed[0]}: the rewritten config",
+                           suspects=layout_fields(model.config))
+
+
 @dataclass
 class PruneResult:
     model: PreTrainedModel
@@ -95,16 +135,29 @@ class PruneResult:
 
 def prune(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_first: int = 4, keep_last: int = 2,
           ratio_requested: float | None = None, model_name: str = "") -> PruneResult:
-    """Remove the ``n_remove`` blocks the criterion selects (in place) and describe what was done."""
-    n_blocks = len(find_blocks(model))
+    """Remove the blocks the criterion selects (in place) and describe what was done.
+
+    With ``ratio_requested`` the criterion chooses under a parameter budget (``ratio_requested`` of the model's
+    parameters, each block at its real size) and at most ``n_remove`` blocks; without it, exactly ``n_remove``.
+    The model's config is rewritten to describe the kept blocks and checked against a meta-device rebuild;
+    :class:`ShortenedError` if no config of the architecture can express them (the model is then left pruned
+    in memory but must not be saved).
+    """
+    block_list = find_blocks(model)
+    n_blocks = len(block_list)
     check_scores_fit(scores, model, scores.criterion)
     allowed = allowed_blocks(n_blocks, keep_first, keep_last)
     if n_remove > len(allowed):
         raise ShortenedError(f"cannot remove {n_remove} blocks: keep_first {keep_first} / keep_last {keep_last} "
                              f"leave {len(allowed)} removable")
-    removed = get_criterion(scores.criterion).select(scores, n_remove, allowed)
+    sizes = block_param_counts(model)
+    budget = param_budget(model, ratio_requested) if ratio_requested is not None else None
+    removed = get_criterion(scores.criterion).select(scores, n_remove, allowed, sizes=sizes, max_params=budget)
     params_before = count_params(model)
+    suspects = layout_fields(model.config)
     remove_blocks(model, removed)
+    kept = [i for i in range(n_blocks) if i not in removed]
+    check_config_describes(model, model.config, block_path=block_list.path, kept=kept, suspects=suspects)
     params_after = count_params(model)
     report = {
         "model": model_name or scores.model,
@@ -118,6 +171,8 @@ def prune(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_fi
         "params_after": params_after,
         "ratio_requested": ratio_requested,
         "blocks_requested": n_remove,
+        "param_budget": budget,
+        "block_params": sizes,
         "ratio_actual": 1 - params_after / params_before,
         "keep_first": keep_first,
         "keep_last": keep_last,
@@ -128,6 +183,21 @@ def prune(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_fi
 
 def save_pruned(result: PruneResult, out: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, *,
                 overwrite: bool = False) -> Path:
-    """Write model, tokenizer and ``pruning.json`` to a staging folder, then move it into place in one step."""
-    return save_model_dir(out, result.model, tokenizer, report_name=PRUNING_JSON, report=result.report,
-                          overwrite=overwrite)
+    """Write model, tokenizer and ``pruning.json`` to a staging folder, then move it into place in one step.
+
+    Before the move, the saved ``config.json`` is read back and rebuilt on the meta device; any difference from
+    the pruned model (module classes, parameter names/shapes, construction-time values) raises
+    :class:`ShortenedError` naming the first differing block, and nothing is left at ``out``.
+    """
+    model = result.model
+
+    def verify(staging: Path) -> None:
+        from transformers import AutoConfig
+
+        saved = AutoConfig.from_pretrained(staging)
+        check_config_describes(model, saved, block_path=find_blocks(model).path,
+                               kept=result.report.get("kept_blocks"), where="the saved config.json",
+                               suspects=layout_fields(saved))
+
+    return save_model_dir(out, model, tokenizer, report_name=PRUNING_JSON, report=result.report,
+                          overwrite=overwrite, verify=verify)

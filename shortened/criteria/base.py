@@ -23,6 +23,8 @@ class ScoringContext:
     allowed: list[int]
     batch_size: int = 1
     n_remove: int | None = None  # only the iterative criterion needs it: how many removal steps to run
+    sizes: list[int] | None = None  # parameters per block, with max_params: iterative steps stay in the budget
+    max_params: int | None = None
     progress: bool = True
 
 
@@ -67,13 +69,28 @@ class ScoreFn(Protocol):
     def __call__(self, model: PreTrainedModel, calibration: torch.Tensor, ctx: ScoringContext) -> BlockScores: ...
 
 
-SelectFn = Callable[[BlockScores, int, Sequence[int]], list[int]]
+SelectFn = Callable[..., list[int]]
+"""``select(scores, n, allowed, *, sizes=None, max_params=None) -> removed``: at most ``n`` blocks from
+``allowed``; with ``max_params``, their summed ``sizes`` (parameters per original block) stay within it."""
 
 
-def select_lowest(scores: BlockScores, n: int, allowed: Sequence[int]) -> list[int]:
-    """The ``n`` allowed blocks with the lowest scores (ties broken by index)."""
+def fits(sizes: Sequence[int] | None, max_params: int | None, blocks: Sequence[int]) -> bool:
+    """Whether removing ``blocks`` stays within the parameter budget (always, without one)."""
+    return max_params is None or sizes is None or sum(sizes[i] for i in blocks) <= max_params
+
+
+def select_lowest(scores: BlockScores, n: int, allowed: Sequence[int], *, sizes: Sequence[int] | None = None,
+                  max_params: int | None = None) -> list[int]:
+    """Up to ``n`` allowed blocks, lowest scores first (ties broken by index); under a parameter budget a block
+    that does not fit what is left of it is passed over for the next one that does."""
     ranked = sorted(allowed, key=lambda i: (scores.scores[i], i))
-    return sorted(ranked[:n])
+    chosen: list[int] = []
+    for i in ranked:
+        if len(chosen) == n:
+            break
+        if fits(sizes, max_params, chosen + [i]):
+            chosen.append(i)
+    return sorted(chosen)
 
 
 @dataclass(frozen=True)

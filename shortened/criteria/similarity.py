@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from shortened.criteria.base import BlockScores, ScoringContext, batches
+from shortened.criteria.base import BlockScores, ScoringContext, batches, fits
 from shortened.criteria.trace import trace_blocks
 from shortened.errors import ShortenedError
 
@@ -54,16 +54,24 @@ def score_angular(model: PreTrainedModel, calibration: torch.Tensor, ctx: Scorin
     return BlockScores("angular", list(d[0]), extra={"span_distance": d})
 
 
-def select_span(scores: BlockScores, n: int, allowed: Sequence[int]) -> list[int]:
-    """The contiguous span of ``n`` allowed blocks whose entry and exit states are closest."""
+def select_span(scores: BlockScores, n: int, allowed: Sequence[int], *, sizes: Sequence[int] | None = None,
+                max_params: int | None = None) -> list[int]:
+    """The contiguous span of ``n`` allowed blocks whose entry and exit states are closest.
+
+    Under a parameter budget: the longest span (at most ``n``) that fits, the closest among those of that length.
+    """
     if n == 0:
         return []
     d = scores.extra.get("span_distance")
     if d is None:
         raise ShortenedError("angular scores lack 'span_distance'; re-run `shortened score --criterion angular`")
     allowed_set = set(allowed)
-    starts = [s for s in range(len(d) - n + 1) if all(s + k in allowed_set for k in range(n))]
-    if not starts:
-        raise ShortenedError(f"angular: no contiguous span of {n} removable blocks within blocks {sorted(allowed_set)}")
-    best = min(starts, key=lambda s: (d[n - 1][s], s))
-    return list(range(best, best + n))
+    for length in range(n, 0, -1):
+        starts = [s for s in range(len(d) - length + 1) if all(s + k in allowed_set for k in range(length))
+                  and fits(sizes, max_params, range(s, s + length))]
+        if starts:
+            best = min(starts, key=lambda s: (d[length - 1][s], s))
+            return list(range(best, best + length))
+        if max_params is None:
+            break
+    raise ShortenedError(f"angular: no contiguous span of {n} removable blocks within blocks {sorted(allowed_set)}")
