@@ -540,6 +540,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = validated(EvalConfig, fields, "eval option")
     if args.baseline and not args.speed:
         raise ShortenedError("--baseline is compared by --speed; add --speed")
+    for flag, given, applies, to in (("--limit", args.limit, tasks, "zero-shot tasks (--tasks)"),
+                                     ("--zeroshot-cache", args.zeroshot_cache, tasks, "zero-shot tasks (--tasks)"),
+                                     ("--ppl-windows", args.ppl_windows, ppl_sets, "perplexity (--ppl)"),
+                                     ("--ppl-seq-len", args.ppl_seq_len, ppl_sets, "perplexity (--ppl)")):
+        if given is not None and not applies:
+            raise ShortenedError(f"{flag} would be ignored: it applies to {to}, and none is asked for")
     out = check_output(args.out, kind="file", overwrite=args.overwrite, flag="--out", create=False)
     if cfg.zeroshot_cache and cfg.tasks:
         check_output(cfg.zeroshot_cache, kind="folder", flag="--zeroshot-cache", create=False)

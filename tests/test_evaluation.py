@@ -204,13 +204,20 @@ def test_cli_eval_writes_every_section(tiny_llama_dir, tmp_path, capsys):
     (["--tasks", "mmlu"], "unknown zero-shot task"),
     (["--speed", "--speed-batch-sizes", "1,x"], "--speed-batch-sizes takes comma-separated integers"),
     (["--ppl", "ptb", "--baseline", "x"], "--baseline is compared by --speed"),
+    (["--speed", "--limit", "5"], "--limit would be ignored: it applies to zero-shot tasks (--tasks)"),
+    (["--speed", "--zeroshot-cache", "c"], "--zeroshot-cache would be ignored"),
+    (["--tasks", "piqa", "--ppl-windows", "3"], "--ppl-windows would be ignored: it applies to perplexity (--ppl)"),
+    (["--ppl", "", "--tasks", "piqa", "--ppl-seq-len", "64"], "--ppl-seq-len would be ignored"),
+    (["--tasks", "piqa", "--zeroshot-cache", "{out}/below"], "--zeroshot-cache {out}/below: {out} is a file"),
 ])
 def test_cli_eval_bad_input(tiny_llama_dir, tmp_path, capsys, args, message):
     from shortened.cli import main
 
-    out = tmp_path / "r.json"
+    out, taken = tmp_path / "r.json", tmp_path / "taken"
+    taken.write_text("a file")
+    args = [a.replace("{out}", str(taken)) for a in args]
     assert main(["eval", "--model", str(tiny_llama_dir), *args, "--out", str(out)]) == 2
-    assert message in capsys.readouterr().err and not out.exists()
+    assert message.replace("{out}", str(taken)) in capsys.readouterr().err and not out.exists()
 
 
 def test_cli_eval_refuses_a_file_as_zeroshot_cache_before_loading(tiny_llama_dir, tmp_path, capsys):
