@@ -269,7 +269,7 @@ def _check_common(args: argparse.Namespace) -> None:
     from shortened.pruning import check_ratio
 
     get_criterion(args.criterion)
-    if args.criterion not in DATA_FREE:
+    if args.criterion not in DATA_FREE and not getattr(args, "scores", None):  # --scores: nothing is scored
         _calibration_config(args)
     if getattr(args, "ratio", None) is not None:
         check_ratio(args.ratio)
