@@ -94,7 +94,8 @@ def test_same_retraining_may_change_only_operational_settings(tmp_path, two_mode
     a, _ = two_models
     run_dir = fake_checkpointed_run(tmp_path / "ray", "healed", a, cfg(), workers=1)
     record = run_records(phases_for(str(a), "o", cfg(report_every_steps=3, keep_checkpoints=5,
-                                                      checkpoint_every_tokens=64, token_log=True),
+                                                      checkpoint_every_tokens=64, token_log=True,
+                                                      lora={"r": 64}, distill={"weight": 2.0}),  # unused by cpt
                                     str(tmp_path / "ray"), "healed"), ScaleConfig(num_workers=1))[0]
     identity.check_run(run_dir, record)  # no error: it resumes
     # the same model moved elsewhere is the same model
@@ -137,6 +138,10 @@ def test_cpt_then_lora_checks_both_runs(tmp_path, two_models):
     other = run_records(phases_for(str(b), str(tmp_path / "out"), c, str(tmp_path / "ray"), "h"),
                         ScaleConfig(num_workers=1))
     assert identity.differences(recs[1], other[1])  # LoRA on another CPT result is another LoRA run
+    r64 = run_records(phases_for(str(a), str(tmp_path / "out"), cfg(method="cpt+lora", lora={"r": 64}),
+                                 str(tmp_path / "ray"), "h"), ScaleConfig(num_workers=1))
+    assert identity.differences(recs[0], r64[0]) == []  # the CPT phase does not use the LoRA settings ...
+    assert identity.differences(recs[1], r64[1]) == ["train.lora.r (was 8, now 64)"]  # ... the LoRA phase does
 
 
 # -- LoRA targets --------------------------------------------------------------------------------------------------

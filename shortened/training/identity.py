@@ -57,7 +57,10 @@ def digest(record: dict) -> str:
 
 def _compared(record: dict) -> dict:
     """The fields that say what is trained (paths are shown, contents compared)."""
-    train = {k: v for k, v in record.get("train", {}).items() if k not in OPERATIONAL}
+    method = record.get("method")
+    unused = {"lora"} if method != "lora" else set()  # a phase's method uses only its own settings
+    unused |= {"distill"} if method != "distill" else set()
+    train = {k: v for k, v in record.get("train", {}).items() if k not in OPERATIONAL | unused}
     return {"model_fingerprint": record.get("model_fingerprint"), "method": record.get("method"),
             "teacher": record.get("teacher_fingerprint") or record.get("teacher"), "tokens": record.get("tokens"),
             "train": train}
