@@ -337,6 +337,10 @@ def test_grid_sweep_killed_driver_resumes_without_duplicates(tmp_path, tiny_llam
         assert t["num_blocks"] == 8 - (t["blocks_requested"] or 0) and t["model_path"]
         if key != "dense":
             assert t["tokens_trained"] == 512 and len(t["removed_blocks"]) == t["blocks_requested"]
+            # the trial's Train run is named after it and says what it trains (a reused name is refused)
+            run = json.loads((exp / "train" / key / "shortened-run.json").read_text())
+            assert run["run"] == key and run["method"] == t["method"] and run["num_workers"] == 1
+            assert run["model"] == str(exp / "trials" / key / "pruned") and run["tokens"] == 512
             assert {m["dataset"] for m in t["metrics"] if m["name"] == "speedup_vs_baseline"} == {"gen-b1-n8"}
     # the selection is the policy's answer, computed here independently
     base = next(m["value"] for m in trials["dense"]["metrics"] if m["name"] == "ppl")
