@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from shortened.blocks import block_param_counts, find_blocks, layout_fields, remove_blocks
+from shortened.blocks import block_param_counts, find_blocks, layout_fields, remove_blocks, text_config
 from shortened.criteria import DATA_FREE, BlockScores, ScoringContext, get_criterion
 from shortened.errors import ShortenedError
 from shortened.io import save_model_dir
@@ -70,7 +70,7 @@ def resolve_block_count(model: PreTrainedModel, *, ratio: float | None, blocks: 
         n = blocks
         asked = f"blocks {blocks}"
     else:
-        n = blocks_for_ratio(model, ratio, allowed)
+        n = blocks_for_ratio(model, ratio)
         asked = f"ratio {ratio} ({n} of {n_blocks} blocks)"
     if n > len(allowed):  # only --blocks can ask for more than the allowed blocks
         raise ShortenedError(f"{asked} removes more than the {len(allowed)} blocks that keep_first {keep_first} / "
@@ -127,6 +127,19 @@ def check_prunable(model: PreTrainedModel, allowed: list[int]) -> None:
                            suspects=layout_fields(model.config))
 
 
+def check_attention_kept(model: PreTrainedModel, removed: list[int]) -> None:
+    """Refuse a removal that leaves no full-attention block in a hybrid model (``layer_types`` mixing full with
+    linear/sliding/recurrent layers): transformers' caches for these architectures need one to generate."""
+    types = getattr(text_config(model.config), "layer_types", None)
+    if not isinstance(types, (list, tuple)) or "full_attention" not in types or len(set(types)) < 2:
+        return
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    if set(full) <= set(removed):
+        raise ShortenedError(f"removing blocks {removed} removes every full-attention block ({full}; layer_types "
+                             f"{sorted(set(types))}); the pruned model could not generate with a KV cache. Protect "
+                             "one with --keep-first/--keep-last or remove fewer blocks")
+
+
 @dataclass
 class PruneResult:
     model: PreTrainedModel
@@ -153,6 +166,7 @@ def prune(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_fi
     sizes = block_param_counts(model)
     budget = param_budget(model, ratio_requested) if ratio_requested is not None else None
     removed = get_criterion(scores.criterion).select(scores, n_remove, allowed, sizes=sizes, max_params=budget)
+    check_attention_kept(model, removed)
     params_before = count_params(model)
     suspects = layout_fields(model.config)
     remove_blocks(model, removed)

@@ -1,0 +1,103 @@
+"""Every causal-LM architecture transformers ships, pruned by two blocks: the in-memory pruned model equals the
+saved-and-reloaded one and generates the same with and without its KV cache, or pruning refuses with a
+ShortenedError. Zero silent mismatches (issue 16)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+from arch_matrix import model_types, tiny_config
+
+from shortened.blocks import find_blocks
+from shortened.criteria import BlockScores
+from shortened.errors import ShortenedError
+from shortened.pruning import prune, save_pruned
+
+REMOVED = [2, 4]  # shifts the blocks after each, and keeps block 3 (full attention in period-4 hybrid layouts)
+IDS = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _generate(model, cache: bool) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(IDS, max_new_tokens=5, do_sample=False, use_cache=cache, pad_token_id=0)
+
+
+def _dense(model_type: str):
+    """The tiny dense model, or why it cannot stand in for its architecture (then the row is skipped)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+        if not torch.equal(_generate(model, True), _generate(model, False)):
+            return None, "the dense tiny model's cached generation differs from uncached"
+        return model, None
+    except ImportError as exc:
+        return None, f"needs a package not installed: {str(exc).strip().splitlines()[0][:100]}"
+    except Exception as exc:  # noqa: BLE001 — the generic shrink does not fit every config class
+        return None, f"no tiny config builds and runs: {type(exc).__name__}: {str(exc)[:100]}"
+
+
+def prune_one(model_type: str) -> tuple[str, str]:
+    """('exact' | 'refused' | 'skipped' | 'MISMATCH', detail) for one architecture."""
+    model, why = _dense(model_type)
+    if model is None:
+        return "skipped", why
+    n = len(find_blocks(model))
+    scores = [9.0] * n
+    for i in REMOVED:
+        scores[i] = 1.0
+    out = tempfile.mkdtemp(prefix=f"matrix-{model_type}-") + "/pruned"
+    try:
+        result = prune(model, BlockScores("magnitude", scores), len(REMOVED), keep_first=0, keep_last=0)
+        save_pruned(result, out)
+    except ShortenedError as exc:
+        return "refused", str(exc)[:160]
+    back = type(result.model).from_pretrained(out).eval()
+    with torch.no_grad():
+        diff = (result.model(IDS).logits - back(IDS).logits).abs().max().item()
+    same_gen = torch.equal(_generate(result.model, True), _generate(result.model, False))
+    reload_gen = torch.equal(_generate(result.model, True), _generate(back, True))
+    if diff > 1e-4 or not same_gen or not reload_gen:
+        return "MISMATCH", f"max |logit diff| {diff:.2e}, cached==uncached {same_gen}, reloaded gen same {reload_gen}"
+    return "exact", ""
+
+
+def test_every_causal_lm_architecture_prunes_exactly_or_refuses(capsys):
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    rows = {}
+    for model_type in model_types():
+        try:
+            rows[model_type] = prune_one(model_type)
+        except Exception as exc:  # noqa: BLE001 — a crash is reported as a row, then fails the test below
+            rows[model_type] = ("CRASH", f"{type(exc).__name__}: {str(exc)[:160]}")
+    counts = Counter(kind for kind, _ in rows.values())
+    with capsys.disabled():
+        print(f"\narchitecture matrix ({len(rows)} causal-LM config classes): {dict(counts)}")
+        for kind in ("skipped", "refused"):
+            print(f"  {kind}: " + ", ".join(sorted(m for m, (k, _) in rows.items() if k == kind)))
+    bad = {m: d for m, (k, d) in rows.items() if k in ("MISMATCH", "CRASH")}
+    assert not bad, f"silent mismatches or crashes: {bad}"
+    # the architectures the README names as tested must stay exact
+    for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt_neox", "gpt2",
+                       "opt", "falcon_mamba", "olmo2", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3",
+                       "nemotron_h", "granite", "starcoder2", "lfm2"):
+        assert rows[model_type][0] == "exact", (model_type, rows[model_type])
+    assert counts["exact"] >= 100
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "olmo3"])
+def test_removing_every_full_attention_block_is_refused(model_type):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+    assert "full_attention" in model.config.get_text_config().layer_types[3]
+    with pytest.raises(ShortenedError, match=r"removes every full-attention block \(\[3\]"):
+        prune(model, BlockScores("magnitude", [9.0, 1, 9, 1, 9, 9]), 2, keep_first=0, keep_last=0)
