@@ -764,6 +764,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not in the interpreter's exit
             return code
         except ShortenedError as exc:
+            from shortened.sweep.runner import SweepInterrupted
+
+            if isinstance(exc, SweepInterrupted):  # Ctrl-C or a stop: the message says how to resume
+                print(f"{command}: interrupted: {exc}", file=sys.stderr)
+                return 130
             print(f"{command}: error: {exc}", file=sys.stderr)
             return 2
     except KeyboardInterrupt:
