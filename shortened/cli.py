@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from shortened.errors import ShortenedError, validated
+from shortened.errors import Interrupted, ShortenedError, validated
 
 log = logging.getLogger("shortened")
 
@@ -764,9 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not in the interpreter's exit
             return code
         except ShortenedError as exc:
-            from shortened.sweep.runner import SweepInterrupted
-
-            if isinstance(exc, SweepInterrupted):  # Ctrl-C or a stop: the message says how to resume
+            if isinstance(exc, Interrupted):  # Ctrl-C or a stop: the message says how to resume
                 print(f"{command}: interrupted: {exc}", file=sys.stderr)
                 return 130
             print(f"{command}: error: {exc}", file=sys.stderr)

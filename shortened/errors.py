@@ -17,3 +17,7 @@ def validated(cls, fields: dict, what: str):
         value = f" (got {err['input']!r})" if err.get("type") != "missing" and not isinstance(err.get("input"), dict) \
             else ""
         raise ShortenedError(f"bad {what} {loc}: {err['msg']}{value}") from exc
+
+
+class Interrupted(ShortenedError):
+    """Work stopped before it finished (Ctrl-C, a stop signal); the message says how to resume. Exit code 130."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from ray import tune
 
 from shortened.cluster import check_job_paths, check_placement, check_shared_storage, cluster_capacity, connect
-from shortened.errors import ShortenedError
+from shortened.errors import Interrupted, ShortenedError
 from shortened.io import write_json_atomic
 from shortened.sweep.config import SweepConfig, resolve_local_paths
 from shortened.sweep.lock import ExperimentLock
@@ -32,7 +32,7 @@ TIMINGS_JSON = "timings.json"  # wall time of this invocation's phases (the swee
 RESUMABLE_CHANGES = {"resources", "selection", "store_url"}
 
 
-class SweepInterrupted(ShortenedError):
+class SweepInterrupted(Interrupted):
     """The sweep stopped before every trial finished (Ctrl-C, a stop signal): nothing was selected."""
 
 
