@@ -174,13 +174,25 @@ def rewrite_config(config: PretrainedConfig, n: int, kept: Sequence[int]) -> Non
     _set_layer_count(config, len(kept))
 
 
-def _set_module_layer_counts(model: nn.Module, old: int, new: int) -> None:
-    """Modules that copied the layer count at construction (``self.num_layers = config.n_layer``) follow it."""
+def _module_copies(model: nn.Module, n: int, per_layer: dict[str, object]) -> list[tuple[nn.Module, str, object]]:
+    """Module attributes that copied the layer count (``self.num_layers = config.n_layer``) or a per-layer config
+    list (GPT-Neo's ``self.attention_layers``) at construction: (module, attribute, value)."""
+    lists = [tuple(v) for v in per_layer.values() if isinstance(v, (list, tuple))]
+    copies = []
     for module in model.modules():
-        for key in _LAYER_COUNT_KEYS:
-            if getattr(module, key, None) == old and not isinstance(module, PretrainedConfig) \
-                    and key in vars(module):
-                setattr(module, key, new)
+        for key, value in vars(module).items():
+            if key.startswith("_"):
+                continue
+            if key in _LAYER_COUNT_KEYS and value == n and not isinstance(value, bool):
+                copies.append((module, key, value))
+            elif isinstance(value, (list, tuple)) and len(value) == n and tuple(value) in lists:
+                copies.append((module, key, value))
+    return copies
+
+
+def _sync_module_copies(copies: list[tuple[nn.Module, str, object]], kept: Sequence[int]) -> None:
+    for module, key, value in copies:
+        setattr(module, key, len(kept) if isinstance(value, int) else type(value)(value[i] for i in kept))
 
 
 # Names blocks use for their own index (for the KV cache, recurrent state, per-layer lookups).
@@ -213,11 +225,13 @@ def remove_blocks(model: PreTrainedModel, removed: Sequence[int]) -> PreTrainedM
     if len(removed) >= n:
         raise ShortenedError(f"removed_blocks: cannot remove all {n} blocks")
     kept = [i for i in range(n) if i not in set(removed)]
+    cfg = text_config(model.config)
+    copies = _module_copies(model, n, {k: getattr(cfg, k) for k in _per_layer_keys(cfg, n)})
     rewrite_config(model.config, n, kept)
     new_blocks = nn.ModuleList([block_list.blocks[i] for i in kept])
     setattr(block_list.parent, block_list.attr, new_blocks)
     _renumber(new_blocks)
-    _set_module_layer_counts(model, n, len(kept))
+    _sync_module_copies(copies, kept)
     return model
 
 
@@ -228,10 +242,13 @@ def without_blocks(model: PreTrainedModel, removed: Sequence[int]) -> Iterator[P
     original = block_list.blocks
     configs = {id(c): c for c in (model.config, text_config(model.config))}.values()
     saved = [(c, copy.deepcopy(vars(c))) for c in configs]
+    cfg = text_config(model.config)
+    copies = _module_copies(model, len(original), {k: getattr(cfg, k) for k in _per_layer_keys(cfg, len(original))})
     try:
         yield remove_blocks(model, removed)
     finally:
-        _set_module_layer_counts(model, len(find_blocks(model)), len(original))
+        for module, key, value in copies:
+            setattr(module, key, value)
         setattr(block_list.parent, block_list.attr, original)
         _renumber(original)
         for c, fields in saved:

@@ -60,8 +60,11 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def first_difference(live: nn.Module, rebuilt: nn.Module) -> tuple[str, str] | None:
-    """The first submodule path where ``live`` and ``rebuilt`` differ, and how; ``None`` when they agree."""
+def first_difference(live: nn.Module, rebuilt: nn.Module, attrs_under: str | None = None) -> tuple[str, str] | None:
+    """The first submodule path where ``live`` and ``rebuilt`` differ, and how; ``None`` when they agree.
+
+    Construction-time values are compared inside ``attrs_under`` (the block list) only, or everywhere when it is
+    ``None``; outside the blocks, modules also keep run-time state (RWKV's ``layers_are_rescaled``)."""
     a, b = module_signature(live), module_signature(rebuilt)
     for path in list(a) + [p for p in b if p not in a]:
         if path not in b:
@@ -79,6 +82,8 @@ def first_difference(live: nn.Module, rebuilt: nn.Module) -> tuple[str, str] | N
                 if da.get(name) != db.get(name):
                     return path, (f"{kind} {name!r} has shape {da.get(name)} in the pruned model but "
                                   f"{db.get(name)} when built from the config")
+        if attrs_under is not None and not path.startswith(attrs_under + "."):
+            continue
         for name in sorted(set(xa) | set(xb)):
             if not _same(xa.get(name), xb.get(name)):
                 return path, (f"attribute {name!r} is {xa.get(name)!r} in the pruned model but {xb.get(name)!r} "
@@ -95,7 +100,7 @@ def check_config_describes(model: PreTrainedModel, config: PretrainedConfig, *, 
     the first differing block by its new and original index; ``suspects`` are config fields that may encode
     the layout and are named in the message.
     """
-    diff = first_difference(model, skeleton(type(model), config))
+    diff = first_difference(model, skeleton(type(model), config), attrs_under=block_path)
     if diff is None:
         return
     path, how = diff

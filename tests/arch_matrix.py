@@ -44,6 +44,7 @@ SIZES = {
     **dict.fromkeys(["mamba_n_heads", "mamba_num_heads"], 8),
     **dict.fromkeys(["linear_num_value_heads", "linear_num_key_heads"], 4),
     **dict.fromkeys(["rotary_dim", "partial_rotary_dim"], 8),
+    **dict.fromkeys(["mamba_d_ssm"], 2 * HIDDEN),
     **dict.fromkeys(["attention_hidden_size"], HIDDEN),
     **dict.fromkeys(["mamba_d_head", "mamba_head_dim", "linear_key_head_dim", "linear_value_head_dim"], 16),
     **dict.fromkeys(["mamba_n_groups", "n_groups"], 1),
@@ -72,6 +73,9 @@ def missing_package(model_type: str) -> str | None:
 # Per model type: what the generic shrink cannot know (head counts that must match a state size, …).
 OVERRIDES = {
     "mamba2": {"num_heads": 8},
+    # hybrids whose default layout has no attention block at all (their cache then cannot generate)
+    "bamba": {"attn_layer_indices": [1, 3]},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"] * (LAYERS // 2)},
     "gpt_neo": {"attention_types": [[["global", "local"], LAYERS // 2]]},
 }
 
@@ -92,8 +96,8 @@ def _shrink(cfg) -> None:
             _set(cfg, key, value)
         elif isinstance(current, list) and current and all(isinstance(v, int) for v in current):
             _set(cfg, key, [value] * LAYERS)
-        elif current is None and key == "head_dim":
-            _set(cfg, key, HEAD_DIM)
+        elif current is None and key in ("head_dim", "num_experts_per_tok", "n_group", "topk_group"):
+            _set(cfg, key, value)
     if isinstance(getattr(cfg, "qk_rope_head_dim", None), int):  # multi-head latent attention: rope on part of it
         _set(cfg, "head_dim", cfg.qk_rope_head_dim)
     _set(cfg, "is_decoder", True)  # BERT-style models run causally (and cache) only as decoders
@@ -109,8 +113,7 @@ def tiny_config(model_type: str, **overrides):
     cfg = AutoConfig.for_model(model_type)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     _shrink(text)
-    for key, value in OVERRIDES.get(model_type, {}).items():
-        _set(text, key, value)
+    overrides = {**OVERRIDES.get(model_type, {}), **overrides}
     for sub in ("vision_config", "audio_config", "encoder_config"):
         if getattr(cfg, sub, None) is not None:
             _shrink(getattr(cfg, sub))
