@@ -349,7 +349,8 @@ def _scores_for(args: argparse.Namespace, model, n_remove: int | None, tokenizer
         calibration = calibration_windows(tokenizer, cfg)
         calib_info = describe(cfg, calibration)
     scores = score_blocks(model, args.criterion, calibration, keep_first=args.keep_first, keep_last=args.keep_last,
-                          batch_size=args.batch_size, n_remove=n_remove, progress=not args.quiet)
+                          batch_size=args.batch_size, n_remove=n_remove, progress=not args.quiet,
+                          ratio=getattr(args, "ratio", None))
     scores.calibration = calib_info
     scores.model = args.model
     return scores
