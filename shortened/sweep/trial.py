@@ -104,8 +104,10 @@ def compute_scores(cfg_json: dict, criterion: str, n_remove: int, out: str) -> s
     if criterion not in DATA_FREE:
         calib = calibration_windows(load_tokenizer(cfg.model, gguf_file=cfg.gguf_file), cfg.calibration)
         info = describe(cfg.calibration, calib)
+    # ratios only (no block counts or bisection): iterative steps stay within the largest ratio's budget
+    ratio = max(cfg.ratios) if cfg.ratios and not cfg.blocks and cfg.search != "bisect" else None
     scores = score_blocks(model, criterion, calib, keep_first=cfg.keep_first, keep_last=cfg.keep_last,
-                          n_remove=n_remove, progress=False)
+                          n_remove=n_remove, progress=False, ratio=ratio)
     scores.calibration, scores.model = info, cfg.model
     tmp = Path(out).with_suffix(".tmp.json")
     tmp.parent.mkdir(parents=True, exist_ok=True)
