@@ -69,20 +69,23 @@ def find_blocks(model: PreTrainedModel) -> BlockList:
     if getattr(model.config, "is_encoder_decoder", False):
         raise ShortenedError(f"model_type {model_type!r} is an encoder-decoder; only decoder-only models are supported")
     n = num_layers(model.config)
-    candidates = []
+    uniform, mixed = [], []
     # Multimodal models also hold vision/audio encoder stacks; the decoder's own submodule holds the blocks.
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     inside = {id(m) for m in decoder.modules()} if isinstance(decoder, nn.Module) and decoder is not model else None
     for name, module in model.named_modules():
         if inside is not None and id(module) not in inside:
             continue
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
-            if n is None or len(module) == n:
-                candidates.append(name)
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and (n is None or len(module) == n):
+            (uniform if len({type(m) for m in module}) == 1 else mixed).append(name)
+    # Hybrids may build each block type as its own class (Jamba's attention and Mamba layers): one list of the
+    # layer count holding several classes is the block list when no single-class list is.
+    candidates = uniform or (mixed if n is not None and len(mixed) == 1 else [])
     if len(candidates) != 1:
-        why = "none" if not candidates else f"several ({', '.join(candidates)})"
+        found = uniform or mixed
+        why = "none" if not found else f"several ({', '.join(found)})"
         raise ShortenedError(f"model_type {model_type!r}: cannot find its decoder blocks — expected one nn.ModuleList "
-                             f"of {n} identical blocks, found {why}")
+                             f"of {n} blocks, found {why}")
     path = candidates[0]
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model

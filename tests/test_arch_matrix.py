@@ -46,6 +46,15 @@ def _dense(model_type: str):
         return None, f"no tiny config builds and runs: {type(exc).__name__}: {str(exc)[:100]}"
 
 
+def _removable_pair(model, n: int) -> list[int]:
+    """Two blocks to remove: REMOVED unless it would take a hybrid's last full-attention block (refused, and tested
+    on its own below), then the first pair that keeps one."""
+    types = getattr(model.config.get_text_config(), "layer_types", None) or []
+    full = {i for i, t in enumerate(types) if t == "full_attention"}
+    pairs = [REMOVED] + [[a, b] for a in range(1, n - 1) for b in range(a + 1, n - 1)] + [[1, n - 1]]
+    return next((p for p in pairs if max(p) < n and not (full and full <= set(p))), [1, n - 1])
+
+
 def prune_one(model_type: str) -> tuple[str, str]:
     """('exact' | 'refused' | 'skipped' | 'MISMATCH', detail) for one architecture."""
     model, why = _dense(model_type)
@@ -54,7 +63,7 @@ def prune_one(model_type: str) -> tuple[str, str]:
     out = tempfile.mkdtemp(prefix=f"matrix-{model_type}-") + "/pruned"
     try:
         n = len(find_blocks(model))
-        removed = REMOVED if n >= 6 else [1, n - 1]
+        removed = _removable_pair(model, n)
         scores = [1.0 if i in removed else 9.0 for i in range(n)]
         result = prune(model, BlockScores("magnitude", scores), len(removed), keep_first=0, keep_last=0)
         save_pruned(result, out)

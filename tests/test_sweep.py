@@ -72,9 +72,8 @@ def test_bad_inputs_fail_before_ray_starts(tmp_path, tiny_llama_dir):
     base = tiny_sweep(tiny_llama_dir, tmp_path / "runs")
     cases = [({"model": str(tmp_path / "missing")}, "missing"),
              ({"train": {**base["train"], "data": {"source": str(tmp_path / "no-shards")}}}, "train.data"),
-             ({"blocks": [2, 7]}, "blocks 7 removes more than the 6 blocks")]
-    # (a ratio is no longer refused here: since 392f21e --ratio takes the most blocks under the parameter budget, at
-    # most all the keep rule allows; tests/test_pruning.py covers it)
+             ({"blocks": [2, 7]}, "blocks 7 removes more than the 6 blocks"),
+             ({"blocks": None, "ratios": [0.2]}, r"ratio 0.2 \(\d+ of 8 blocks\) removes more than the 6 blocks")]
     for change, message in cases:
         path = write_yaml(tmp_path / "c.yaml", {**base, **change})
         with pytest.raises(ShortenedError, match=message):
