@@ -83,6 +83,12 @@ def test_encoder_decoder_is_refused_with_its_model_type():
 
 def test_model_without_a_block_list_is_refused_with_its_model_type():
     model = tiny_model("llama")
-    model.model.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.ReLU()] * 4)  # mixed classes
-    with pytest.raises(ShortenedError, match="model_type 'llama': cannot find its decoder blocks"):
+    model.model.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.ReLU()] * 3)  # not the layer count
+    with pytest.raises(ShortenedError, match="model_type 'llama': cannot find its decoder blocks .* found none"):
+        find_blocks(model)
+    # one mixed-class list of the layer count is a hybrid's block list; two are ambiguous
+    model.model.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.ReLU()] * 4)
+    assert find_blocks(model).path == "model.layers"
+    model.model.extra = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.ReLU()] * 4)
+    with pytest.raises(ShortenedError, match=r"found several \(model.layers, model.extra\)"):
         find_blocks(model)
