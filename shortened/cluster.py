@@ -98,6 +98,22 @@ def _probe(path: str, driver_file: str, token: str) -> dict:
     return {"node": node, "error": None}
 
 
+def write_probe(path: str | Path, token: str) -> Path:
+    """Create ``path`` and write a probe file into it from the driver; ShortenedError naming the path if it cannot."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe = Path(path) / f".probe-{token}"
+        probe.write_text(token)
+        return probe
+    except OSError as exc:
+        raise ShortenedError(f"storage path {str(path)!r} is not writable from the driver: {exc}") from exc
+
+
+def check_driver_writable(path: str | Path) -> None:
+    """The driver can create and write ``path`` (checked before anything else is written there)."""
+    write_probe(path, uuid.uuid4().hex).unlink(missing_ok=True)
+
+
 def check_shared_storage(path: str | Path) -> None:
     """Every alive node must be able to write ``path`` and see what the driver wrote: models, checkpoints and
     results move between trials and workers through it. One zero-CPU probe task per node, bounded in time."""
@@ -107,12 +123,7 @@ def check_shared_storage(path: str | Path) -> None:
     path = str(path)
     nodes = [n for n in ray.nodes() if n["Alive"]]
     token = uuid.uuid4().hex
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        driver_file = Path(path) / f".probe-{token}"
-        driver_file.write_text(token)
-    except OSError as exc:
-        raise ShortenedError(f"storage path {path!r} is not writable from the driver: {exc}") from exc
+    driver_file = write_probe(path, token)
     try:
         if len(nodes) < 2:
             return  # one node: the driver's own write above is the check

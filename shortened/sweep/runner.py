@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ray import tune
 
-from shortened.cluster import check_job_paths, check_placement, check_shared_storage, cluster_capacity, connect
+from shortened.cluster import (check_driver_writable, check_job_paths, check_placement, check_shared_storage,
+                               cluster_capacity, connect)
 from shortened.errors import Interrupted, ShortenedError
 from shortened.io import write_json_atomic
 from shortened.sweep.config import SweepConfig, resolve_local_paths
@@ -466,10 +467,11 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = N
     preflight(cfg)
     n_remove_max = _max_blocks(cfg)
     check_experiment(cfg, resume)
-    existed = cfg.experiment_dir().exists()
-    lock = ExperimentLock(cfg.experiment_dir(), f"experiment {cfg.name!r} ({cfg.experiment_dir()})").acquire()
-    started_ray = False
+    created = [p for p in (cfg.experiment_dir(), *cfg.experiment_dir().parents) if not p.exists()]
+    started_ray, lock = False, None
     try:
+        check_driver_writable(cfg.storage_path)  # before the lock: a bad path is named, not a mkdir traceback
+        lock = ExperimentLock(cfg.experiment_dir(), f"experiment {cfg.name!r} ({cfg.experiment_dir()})").acquire()
         check_experiment(cfg, resume)  # again, now that no other driver can change it
         if resume and any(m != "none" for m in cfg.methods):
             check_train_runs(cfg)
@@ -479,9 +481,11 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = N
         raise SweepInterrupted(f"sweep {cfg.name!r} was interrupted; nothing was selected. {resume_hint(cfg)}") \
             from exc
     finally:
-        lock.release()
-        if not existed and cfg.experiment_dir().is_dir() and not any(cfg.experiment_dir().iterdir()):
-            cfg.experiment_dir().rmdir()  # refused before anything was written: leave nothing behind
+        if lock is not None:
+            lock.release()
+        for folder in created:  # refused before anything was written: leave no folder this run made
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         if started_ray:
             ray.shutdown()
 
