@@ -669,3 +669,16 @@ def test_a_damaged_file_in_a_hub_dataset_stops_with_a_clear_error(tmp_path):
     with pytest.raises(ShortenedError, match="hub dataset 'json' .* failed after record #.*read them as a file source"):
         list(DocumentStream(cfg))
     assert len(read_all(tmp_path / "a.jsonl", max_bad_fraction=0.2)[0]) == 5  # as a file source it reads on
+
+
+def test_a_mistyped_split_of_the_offline_sample_is_refused_not_sent_to_the_hub():
+    from pydantic import ValidationError
+
+    from shortened.training.config import TrainConfig
+
+    with pytest.raises(ValidationError, match="split 'valdation': the offline slimpajama-sample has train, validation"):
+        DataConfig(split="valdation")
+    with pytest.raises(ValidationError, match="split 'valdation'"):
+        TrainConfig(train_tokens=64, data={"split": "valdation"})
+    assert DataConfig(split="validation").split == "validation"
+    assert DataConfig(source="hf:cerebras/SlimPajama-627B", split="valdation").split == "valdation"  # the hub's own

@@ -10,26 +10,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
-from shortened.data.config import SLIMPAJAMA_SAMPLE, DataConfig
+from shortened.data.config import SLIMPAJAMA_SAMPLE, DataConfig, alias_split_error  # noqa: F401 (re-export)
 from shortened.data.formats import encode
 from shortened.data.sources import resolve_alias
 from shortened.data.stream import DocumentStream
 from shortened.errors import ShortenedError
-from shortened.paths import shared_data_dir
-
-
-def alias_split_error(source: str, split: str) -> str | None:
-    """Why ``split`` of the ``slimpajama-sample`` alias is wrong, when the offline sample is here and lacks it
-    (the alias would otherwise switch to streaming the hub dataset without a word); None when it is fine."""
-    if source != SLIMPAJAMA_SAMPLE:
-        return None
-    data = shared_data_dir()
-    sample = data / SLIMPAJAMA_SAMPLE if data is not None else None
-    if sample is None or not sample.is_dir() or (sample / split).is_dir():
-        return None
-    have = sorted(p.name for p in sample.iterdir() if p.is_dir())
-    return (f"split {split!r}: the offline {SLIMPAJAMA_SAMPLE} has {', '.join(have) or 'no splits'} (for the hub "
-            f"dataset, name it: hf:cerebras/SlimPajama-627B)")
 
 
 class CalibrationConfig(BaseModel):

@@ -4,10 +4,26 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shortened.paths import shared_data_dir
 
 SLIMPAJAMA_SAMPLE = "slimpajama-sample"
 SLIMPAJAMA_HUB = "hf:cerebras/SlimPajama-627B"
+
+
+def alias_split_error(source: str, split: str) -> str | None:
+    """Why ``split`` of the ``slimpajama-sample`` alias is wrong, when the offline sample is here and lacks it
+    (the alias would otherwise switch to streaming the hub dataset without a word); None when it is fine."""
+    if source != SLIMPAJAMA_SAMPLE:
+        return None
+    data = shared_data_dir()
+    sample = data / SLIMPAJAMA_SAMPLE if data is not None else None
+    if sample is None or not sample.is_dir() or (sample / split).is_dir():
+        return None
+    have = sorted(p.name for p in sample.iterdir() if p.is_dir())
+    return (f"split {split!r}: the offline {SLIMPAJAMA_SAMPLE} has {', '.join(have) or 'no splits'} (for the hub "
+            f"dataset, name it: hf:cerebras/SlimPajama-627B)")
 
 
 class DataConfig(BaseModel):
@@ -54,3 +70,10 @@ class DataConfig(BaseModel):
         if not any(w > 0 for w in v.values()):
             raise ValueError(f"mixture {v} keeps no set: give at least one weight > 0")
         return v
+
+    @model_validator(mode="after")
+    def _check_split(self) -> DataConfig:
+        error = alias_split_error(self.source, self.split)
+        if error:  # the alias would silently switch to streaming the hub dataset
+            raise ValueError(error)
+        return self
