@@ -57,9 +57,10 @@ FILE_SUFFIXES = (".gguf", ".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt
 
 def looks_local(spec: str) -> bool:
     """A spec that can only be a local path: ``./x`` ``../x`` ``/x`` ``~/x`` ``.x``, ``x/`` (a folder), a file
-    ending (``.gguf``, ``.json``, …), or more than one slash (a hub id is ``org/name``)."""
+    ending (``.gguf``, ``.json``, …), more than one slash (a hub id is ``org/name``), or a first part that exists
+    here (``models/nope`` when ``models/`` is a local folder)."""
     return (spec.startswith((".", "/", "~")) or spec.endswith(("/", "\\")) or spec.lower().endswith(FILE_SUFFIXES)
-            or spec.count("/") > 1)
+            or spec.count("/") > 1 or ("/" in spec and Path(spec.split("/", 1)[0]).expanduser().exists()))
 
 
 def resolve_source(spec: str, gguf_file: str | None = None, *, what: str = "model") -> ModelSource:
@@ -139,9 +140,16 @@ def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
 def load_tokenizer(spec: str | ModelSource, *, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
     source = spec if isinstance(spec, ModelSource) else resolve_source(spec, gguf_file)
     try:
-        return AutoTokenizer.from_pretrained(source.path, **source.from_pretrained_kwargs())
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **source.from_pretrained_kwargs())
     except Exception as exc:
-        raise ShortenedError(f"tokenizer of {source.describe()!r} could not be loaded: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ShortenedError(f"tokenizer of {source.describe()!r} could not be loaded: {first}") from exc
+    # A folder without tokenizer files can still yield a blank stand-in (transformers builds the config's tokenizer
+    # class with no vocabulary): it encodes every text as nothing, so calibration would silently be all padding.
+    if len(tokenizer) <= 2 or not tokenizer("The quick brown fox.", add_special_tokens=False)["input_ids"]:
+        raise ShortenedError(f"tokenizer of {source.describe()!r} is empty ({len(tokenizer)} tokens; it encodes text "
+                             "as nothing): the folder holds no tokenizer files")
+    return tokenizer
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def check_ratio(ratio: float) -> None:
 def param_budget(model: PreTrainedModel, ratio: float) -> int:
     """``ratio`` of the model's parameters as a whole number: the most that ``--ratio`` may remove."""
     check_ratio(ratio)
-    return int(math.floor(ratio * count_params(model) * (1 + 1e-9)))
+    return math.floor(Fraction(ratio) * count_params(model))  # exact: no float rounding past the ratio
 
 
 def blocks_for_ratio(model: PreTrainedModel, ratio: float, allowed: list[int] | None = None) -> int:
@@ -187,7 +188,7 @@ def prune(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_fi
         "blocks_requested": n_remove,
         "param_budget": budget,
         "block_params": sizes,
-        "ratio_actual": 1 - params_after / params_before,
+        "ratio_actual": (params_before - params_after) / params_before,  # one rounding: never above the ratio
         "keep_first": keep_first,
         "keep_last": keep_last,
         "calibration": scores.calibration,

@@ -62,3 +62,30 @@ def test_bad_device_and_dtype():
         assert resolve_device("auto").type == "cpu"
         with pytest.raises(ShortenedError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_a_folder_without_tokenizer_files_is_not_given_a_blank_tokenizer(tmp_path):
+    """transformers builds the config's tokenizer class with no vocabulary for such a folder (Qwen2, GPT-2): it
+    would encode calibration text as nothing. It is refused as having no tokenizer."""
+    from tiny_models import tiny_model
+
+    from shortened.errors import ShortenedError
+    from shortened.models import load_tokenizer
+
+    for arch in ("qwen2", "gpt2"):
+        tiny_model(arch).save_pretrained(tmp_path / arch)
+        with pytest.raises(ShortenedError, match="is empty .*holds no tokenizer files"):
+            load_tokenizer(str(tmp_path / arch))
+
+
+def test_a_missing_path_under_an_existing_folder_is_local(tmp_path, monkeypatch):
+    from shortened.errors import ShortenedError
+    from shortened.models import resolve_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "afile").write_text("")
+    for spec in ("models/nope", "afile/x"):
+        with pytest.raises(ShortenedError, match=f"no such folder '{spec}'"):
+            resolve_source(spec)
+    assert resolve_source("HuggingFaceTB/SmolLM2-135M").path == "HuggingFaceTB/SmolLM2-135M"  # a hub id stays one

@@ -209,3 +209,19 @@ def test_iterative_and_angular_stay_within_the_budget():
     assert CRITERIA["angular"].select(ang, 3, range(6), sizes=sizes, max_params=30) == [2, 3]
     low = BlockScores("magnitude", [1, 0, 3, 4, 0, 6])
     assert CRITERIA["magnitude"].select(low, 3, range(6), sizes=sizes, max_params=70) == [0, 1, 2]
+
+
+def test_ratio_at_the_edge_of_whole_blocks_never_goes_over():
+    """A ratio computed in floats as exactly k blocks' share may round either way; the budget is exact."""
+    from tiny_models import tiny_model
+
+    for k in (1, 2, 3):
+        model = tiny_model("llama")
+        total = sum(p.numel() for p in model.parameters())
+        block = sum(p.numel() for p in model.model.layers[0].parameters())
+        for ratio in (k * block / total, (k * block - 1) / total, (k * block + 1) / total):
+            m = tiny_model("llama")
+            r = prune(m, BlockScores("magnitude", [1.0] * 8), blocks_for_ratio(m, ratio), keep_first=1, keep_last=1,
+                      ratio_requested=ratio).report
+            assert r["ratio_actual"] <= ratio and r["params_before"] - r["params_after"] <= ratio * total
+            assert len(r["removed_blocks"]) == (k if k * block <= ratio * total else k - 1)
