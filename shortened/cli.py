@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from shortened import io
 from shortened.errors import Interrupted, ShortenedError, validated
 
 log = logging.getLogger("shortened")
@@ -120,8 +121,16 @@ def _add_amount_args(p: argparse.ArgumentParser, required: bool) -> None:
     group.add_argument("--blocks", type=NON_NEGATIVE, help="number of blocks to remove")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``shortened VERB: error: …``), like every other refusal; usage stays in
+    ``--help``. Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shortened", description="Depth pruning of decoder LLMs.")
+    parser = _Parser(prog="shortened", description="Depth pruning of decoder LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -763,6 +772,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             code = args.func(args)
             sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not in the interpreter's exit
+            if code == 0:
+                io.CREATED.clear()
             return code
         except ShortenedError as exc:
             if isinstance(exc, Interrupted):  # Ctrl-C or a stop: the message says how to resume
@@ -776,6 +787,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         _quiet_stdout()
         return 141
+    finally:
+        io.remove_created_if_empty()  # after a success the list is empty: nothing to remove
 
 
 if __name__ == "__main__":

@@ -79,6 +79,21 @@ def _probe_writable(folder: Path) -> None:
     os.unlink(probe)
 
 
+# Folders check_output created for the work at hand: removed again when the work fails (remove_created_if_empty).
+CREATED: list[Path] = []
+
+
+def remove_created_if_empty() -> None:
+    """Remove the folders :func:`check_output` created that are still empty (deepest first): a refused or
+    interrupted command leaves nothing behind."""
+    for folder in sorted(set(CREATED), key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()  # only succeeds on an empty folder
+        except OSError:
+            pass
+    CREATED.clear()
+
+
 def check_output(path: str | Path, *, kind: str, overwrite: bool = False, flag: str = "output",
                  create: bool = True) -> Path:
     """Check an output location before any work starts, so a bad ``--out`` fails in a second instead of after
@@ -117,6 +132,9 @@ def check_output(path: str | Path, *, kind: str, overwrite: bool = False, flag: 
         except OSError as exc:
             raise ShortenedError(f"{where}: cannot write in {folder} ({exc.strerror or exc})") from exc
     if create:
+        missing = [p for p in [*([path] if kind == "folder" else []), path.parent, *path.parent.parents]
+                   if not p.exists()]
+        CREATED.extend(reversed(missing))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if kind == "folder":

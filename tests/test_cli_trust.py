@@ -456,3 +456,26 @@ def test_select_names_an_unknown_metric_and_lists_the_known(monkeypatch, capsys)
     assert main(["select", "exp", "--metric", "ppl:wiki"]) == 2
     assert capsys.readouterr().err == ("shortened select: error: unknown metric 'ppl:wiki': the experiment has ppl, "
                                        "ppl:wikitext2, zeroshot_mean, zeroshot_mean:piqa+arc_easy\n")
+
+
+def test_a_bad_flag_is_one_line(capsys):
+    assert main(["prune", "--model", "m", "--criterion", "magnitude", "--ratio", "2", "--out", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["shortened prune: error: argument --ratio: ratio 2 must be in [0, 1) (a number, the fraction of "
+                   "parameters removed) (see shortened prune --help)"]
+
+
+def test_a_refused_command_removes_the_folders_it_made_for_its_output(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "pruned"
+    # refused after the output was checked (the keep rule needs the model): the folders made for --out go again
+    assert main(["prune", "--model", str(tiny_llama_dir), "--criterion", "magnitude", "--blocks", "7",
+                 "--out", str(out), "--quiet"]) == 2
+    assert "removes more than the 2 blocks" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()  # a folder that existed before stays
+    assert main(["prune", "--model", str(tiny_llama_dir), "--criterion", "magnitude", "--blocks", "7",
+                 "--out", str(tmp_path / "kept" / "a" / "p"), "--quiet"]) == 2
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
+    assert main(["prune", "--model", str(tiny_llama_dir), "--criterion", "magnitude", "--blocks", "1",
+                 "--out", str(out), "--quiet"]) == 0
+    assert (out / "pruning.json").is_file()
