@@ -318,6 +318,15 @@ def _tokenizer(args: argparse.Namespace, needed_for: str | None):
                              f"tokenizer this model was trained with) ({exc})") from exc
 
 
+def _recorded_model(spec: str) -> str:
+    """What records name: a local model as an absolute path (a distillation teacher is read back from
+    ``pruning.json`` by workers that run elsewhere), a hub id or alias as given."""
+    from pathlib import Path
+
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
 def _calibration_config(args: argparse.Namespace):
     from shortened.data.calibration import CalibrationConfig
 
@@ -361,7 +370,7 @@ def _scores_for(args: argparse.Namespace, model, n_remove: int | None, tokenizer
                           batch_size=args.batch_size, n_remove=n_remove, progress=not args.quiet,
                           ratio=getattr(args, "ratio", None))
     scores.calibration = calib_info
-    scores.model = args.model
+    scores.model = _recorded_model(args.model)
     return scores
 
 
@@ -413,7 +422,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     else:
         scores = _scores_for(args, model, n_remove, tokenizer)
     result = prune(model, scores, n_remove, keep_first=args.keep_first, keep_last=args.keep_last,
-                   ratio_requested=args.ratio, model_name=args.model)
+                   ratio_requested=args.ratio, model_name=_recorded_model(args.model))
     out = save_pruned(result, args.out, tokenizer, overwrite=args.overwrite)
     r = result.report
     print(json.dumps({"out": str(out), "removed_blocks": r["removed_blocks"], "num_blocks_after": r["num_blocks_after"],

@@ -479,3 +479,10 @@ def test_a_refused_command_removes_the_folders_it_made_for_its_output(tiny_llama
     assert main(["prune", "--model", str(tiny_llama_dir), "--criterion", "magnitude", "--blocks", "1",
                  "--out", str(out), "--quiet"]) == 0
     assert (out / "pruning.json").is_file()
+
+
+def test_records_name_a_local_model_by_its_absolute_path(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tiny_llama_dir.parent)
+    assert main(["prune", "--model", tiny_llama_dir.name, "--criterion", "magnitude", "--blocks", "1",
+                 "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "p" / "pruning.json").read_text())["model"] == str(tiny_llama_dir.resolve())
