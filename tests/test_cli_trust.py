@@ -486,3 +486,11 @@ def test_records_name_a_local_model_by_its_absolute_path(tiny_llama_dir, tmp_pat
     assert main(["prune", "--model", tiny_llama_dir.name, "--criterion", "magnitude", "--blocks", "1",
                  "--out", str(tmp_path / "p"), "--quiet"]) == 0
     assert json.loads((tmp_path / "p" / "pruning.json").read_text())["model"] == str(tiny_llama_dir.resolve())
+
+
+@pytest.mark.parametrize("verb", ["select", "results", "report"])
+def test_reading_verbs_never_create_a_results_database(verb, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main([verb, "demo", "--store", "sqlite:///nope/x.db"]) == 2
+    assert "no such results database 'nope/x.db'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

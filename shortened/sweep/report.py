@@ -26,6 +26,13 @@ def open_experiment(ref: str, store_url: str | None = None, storage_path: str = 
     if store_url is None:
         raise ShortenedError(f"experiment {ref!r}: no sweep.json at {ref} or {folder}; pass the experiment folder, "
                              "or --store URL with the experiment's name")
+    from sqlalchemy.engine import make_url
+
+    url = make_url(store_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not Path(url.database).expanduser().is_file():
+        raise ShortenedError(f"--store {url.render_as_string(hide_password=True)}: no such results database "
+                             f"{url.database!r} (reading verbs never create one)")
     store = ResultsStore(store_url)
     exp = store.experiment(ref)
     return store, ref, Path(exp["experiment_dir"])
