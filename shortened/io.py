@@ -113,6 +113,8 @@ def check_output(path: str | Path, *, kind: str, overwrite: bool = False, flag: 
     path = Path(raw).expanduser()
     where = f"{flag} {raw}"
     if kind == "file":
+        if raw.endswith(("/", "\\")):
+            raise ShortenedError(f"{where}: ends with a slash (a folder), expected a file path")
         if path.is_dir():
             raise ShortenedError(f"{where}: is a folder, expected a file path")
         if path.exists() and not overwrite:

@@ -494,3 +494,11 @@ def test_reading_verbs_never_create_a_results_database(verb, tmp_path, monkeypat
     assert main([verb, "demo", "--store", "sqlite:///nope/x.db"]) == 2
     assert "no such results database 'nope/x.db'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_output_given_as_a_folder_path_is_refused(tmp_path, capsys):
+    from shortened.io import check_output
+
+    with pytest.raises(ShortenedError, match="ends with a slash"):
+        check_output(f"{tmp_path}/sub/", kind="file", flag="--out")
+    assert not (tmp_path / "sub").exists()
