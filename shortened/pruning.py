@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from fractions import Fraction
 from dataclasses import dataclass
@@ -40,18 +41,17 @@ def param_budget(model: PreTrainedModel, ratio: float) -> int:
     return math.floor(Fraction(ratio) * count_params(model))  # exact: no float rounding past the ratio
 
 
-def blocks_for_ratio(model: PreTrainedModel, ratio: float, allowed: list[int] | None = None) -> int:
-    """The most blocks that fit in ``ratio`` of the parameters: the smallest ``allowed`` blocks first, each
-    counted at its real size (MoE, hybrid and dense blocks differ), so at most ``ratio`` goes.
+def blocks_for_ratio(model: PreTrainedModel, ratio: float) -> int:
+    """The most blocks that fit in ``ratio`` of the parameters: the smallest blocks first, each counted at its
+    real size (MoE, hybrid and dense blocks differ), so at most ``ratio`` goes.
 
     Which blocks go is the criterion's choice under the same budget (:func:`prune`); this count bounds it.
     Paper: 20% of LLaMA-7B (6.74B params, 202M per block) → 6 of 32 blocks.
     """
     budget = param_budget(model, ratio)
     sizes = block_param_counts(model)
-    candidates = sorted(sizes[i] for i in (range(len(sizes)) if allowed is None else allowed))
     n, used = 0, 0
-    for size in candidates:
+    for size in sorted(sizes):
         if used + size > budget:
             break
         n, used = n + 1, used + size
@@ -116,8 +116,6 @@ def check_prunable(model: PreTrainedModel, allowed: list[int]) -> None:
     """
     if not allowed:
         return
-    import copy
-
     config = copy.deepcopy(model.config)
     shell = skeleton(type(model), config)
     block_path = find_blocks(shell).path
