@@ -147,17 +147,6 @@ def check_output(path: str | Path, *, kind: str, overwrite: bool = False, flag: 
     return path
 
 
-def check_output_dir(path: str | Path, overwrite: bool, flag: str = "output") -> Path:
-    """Refuse an existing file, an existing non-empty folder unless ``overwrite``, a path below a file or in a
-    folder that cannot be written; nothing is created here."""
-    return check_output(path, kind="dir", overwrite=overwrite, flag=flag, create=False)
-
-
-def check_output_file(path: str | Path, overwrite: bool, flag: str = "output") -> Path:
-    """The same checks for a file written atomically (nothing is created here)."""
-    return check_output(path, kind="file", overwrite=overwrite, flag=flag, create=False)
-
-
 def save_model_dir(out: str | Path, model, tokenizer=None, *, report_name: str, report: dict,
                    overwrite: bool = False, verify: Callable[[Path], None] | None = None) -> Path:
     """Write an HF model (``save_pretrained``), its tokenizer and a JSON report to a staging folder beside ``out``,
@@ -165,7 +154,7 @@ def save_model_dir(out: str | Path, model, tokenizer=None, *, report_name: str, 
 
     ``verify(staging)`` runs on the complete staging folder before it is published; whatever it raises removes
     the staging folder and propagates, so a folder that fails the check never appears at ``out``."""
-    out = check_output_dir(out, overwrite)
+    out = check_output(out, kind="dir", overwrite=overwrite, create=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(out)
     try:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 from shortened.errors import ShortenedError
+from shortened.io import write_json_atomic
 
 RUN_JSON = "shortened-run.json"
 # TrainConfig fields that do not change what is trained: a resumed run may change them
@@ -158,7 +158,4 @@ def check_run(run_dir: Path, record: dict, workers_hint: str = "--workers") -> N
 
 
 def write_record(run_dir: Path, record: dict) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{RUN_JSON}.{os.getpid()}"
-    tmp.write_text(json.dumps({**record, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2))
-    os.replace(tmp, run_dir / RUN_JSON)
+    write_json_atomic(run_dir / RUN_JSON, {**record, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
