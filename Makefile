@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench clean paper-claims
+.PHONY: venv test test-fast demo bench clean paper-claims gpu-check gpu-wheels
 
 venv: $(STAMP)
 
@@ -38,6 +38,15 @@ bench: venv
 	$(BIN)/python benchmarks/eval_speed.py
 	$(BIN)/python benchmarks/retrain.py
 	$(BIN)/python benchmarks/sweep.py
+
+# every GPU path (scoring, pruning, ZeRO-2/3 bf16 training under NCCL, LoRA, distillation, evaluation, speed) in
+# one process, ~6 minutes on one GPU; `make test` runs its reduced CPU form. See benchmarks/gpu_check.py.
+gpu-check: venv
+	$(BIN)/python benchmarks/gpu_check.py
+
+# wheels for a GPU machine with no network whose python lacks pydantic/DeepSpeed (LM_EVAL=1: lm-eval too)
+gpu-wheels: venv
+	PY=$(BIN)/python bash benchmarks/gpu_wheels.sh
 
 paper-claims: venv  # about 90 minutes on 2 cores; each part also runs alone (--part)
 	$(BIN)/python benchmarks/paper_claims.py
