@@ -91,6 +91,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf-file", help="GGUF file name inside the --model folder")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--attn-implementation", default="auto",
+                   help="auto (flash_attention_2 on CUDA in bf16/fp16 when flash-attn is installed, else sdpa; eager "
+                        "for models without sdpa), sdpa, eager, flash_attention_2, ...")
+
+
+def _model_options(args: argparse.Namespace) -> dict:
+    """load_model's device, dtype and attention options from the flags of _add_model_args."""
+    return {"device": args.device, "dtype": args.dtype, "attn_implementation": args.attn_implementation}
 
 
 def _add_tokenizer_arg(p: argparse.ArgumentParser, why: str) -> None:
@@ -387,7 +395,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.criterion not in DATA_FREE:  # before the model loads: a missing tokenizer fails in a second
         tokenizer = _tokenizer(args, f"criterion {args.criterion!r} (calibration text)")
     check_output(out, kind="file", overwrite=args.overwrite, flag="--out")  # every check passed: create folders
-    model = load_model(_source(args), device=args.device, dtype=args.dtype)
+    model = load_model(_source(args), **_model_options(args))
     n_remove = None
     if args.ratio is not None or args.blocks is not None:
         n_remove = resolve_block_count(model, ratio=args.ratio, blocks=args.blocks,
@@ -413,11 +421,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     needs_text = saved is None and args.criterion not in DATA_FREE
     tokenizer = _tokenizer(args, f"criterion {args.criterion!r} (calibration text)" if needs_text else None)
     check_output(args.out, kind="dir", overwrite=args.overwrite, flag="--out")
-    model = load_model(_source(args), device=args.device, dtype=args.dtype)
+    model = load_model(_source(args), **_model_options(args))
     n_remove = resolve_block_count(model, ratio=args.ratio, blocks=args.blocks,
                                    keep_first=args.keep_first, keep_last=args.keep_last)
     if saved is not None:
         check_scores_fit(saved, model, args.criterion)
+        saved.dtype_mismatch(model.dtype, where=f"--scores {args.scores}")
         scores = saved
     else:
         scores = _scores_for(args, model, n_remove, tokenizer)
@@ -464,7 +473,7 @@ def cmd_prune_width(args: argparse.Namespace) -> int:
     calib_cfg = _calibration_config(args) if args.score == "activation" else None
     tokenizer = _tokenizer(args, "--score activation (calibration text)" if calib_cfg else None)
     check_output(args.out, kind="dir", overwrite=args.overwrite, flag="--out")
-    model = load_model(_source(args), device=args.device, dtype=args.dtype)
+    model = load_model(_source(args), **_model_options(args))
     before = count_params(model)
     plan = plan_for_params(model, int(before * (1 - args.ratio)) if target is None else target, args.score)
     calibration = None
@@ -583,10 +592,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_output(out, kind="file", overwrite=args.overwrite, flag="--out")  # every check passed: create folders
     if cfg.zeroshot_cache and cfg.tasks:
         check_output(cfg.zeroshot_cache, kind="folder", flag="--zeroshot-cache")
-    model = load_model(_source(args), device=args.device, dtype=args.dtype)
+    model = load_model(_source(args), **_model_options(args))
     baseline = None
     if baseline_source is not None:
-        baseline = (load_model(baseline_source, device=args.device, dtype=args.dtype), baseline_tokenizer)
+        baseline = (load_model(baseline_source, **_model_options(args)), baseline_tokenizer)
     result = {"model": args.model, "baseline": args.baseline, **evaluate(model, tokenizer, cfg, baseline)}
     write_json_atomic(out, result)
     print("| metric | dataset/task | value | protocol |\n|---|---|---|---|")

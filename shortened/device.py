@@ -1,13 +1,24 @@
-"""Automatic, overridable device and precision choice: bf16 on GPUs that support it, fp32 on CPU."""
+"""Automatic, overridable device, precision and attention-kernel choice: bf16 on GPUs that support it, fp32 on CPU;
+flash-attention on CUDA when installed, PyTorch SDPA otherwise."""
 
 from __future__ import annotations
+
+import functools
+import importlib
+import logging
 
 import torch
 
 from shortened.errors import ShortenedError
 
+log = logging.getLogger(__name__)
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+ATTN_AUTO = "auto"
+# the flash-attention implementations transformers knows, and the package each one imports
+_FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -23,14 +34,68 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str = "auto", device: torch.device | None = None) -> torch.dtype:
-    """``auto``: bf16 on a GPU that supports it, fp32 otherwise (bf16 is ~7x slower on CPUs without avx512_bf16)."""
+def check_dtype_name(dtype: str, what: str = "dtype") -> str:
+    """``dtype`` if it is ``auto`` or a known precision name; else :class:`ShortenedError` starting with ``what``
+    (the option or field that gave it: ``--dtype``, ``score_dtype``; empty: no prefix)."""
+    if dtype != "auto" and dtype not in _DTYPES:
+        raise ShortenedError(f"{what + ': ' if what else ''}{dtype!r} is not one of auto, {', '.join(sorted(_DTYPES))}")
+    return dtype
+
+
+def resolve_dtype(dtype: str = "auto", device: torch.device | None = None, what: str = "dtype") -> torch.dtype:
+    """``auto``: bf16 on a GPU that supports it, fp32 otherwise (bf16 is ~7x slower on CPUs without avx512_bf16).
+
+    Raises :class:`ShortenedError` naming ``what`` (the option or config field) for an unknown name."""
+    check_dtype_name(dtype, what)
     if dtype == "auto":
         dev = device or resolve_device("auto")
         if dev.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
+    return _DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (how scores files and reports record a precision)."""
+    return str(dtype).removeprefix("torch.")
+
+
+@functools.cache
+def package_importable(name: str) -> bool:
+    """Whether ``import name`` works here (an installed flash-attn built for another torch fails to import)."""
     try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise ShortenedError(f"dtype: {dtype!r} is not one of auto, {', '.join(sorted(_DTYPES))}") from None
+        importlib.import_module(name)
+    except Exception:  # ImportError, or an OSError/RuntimeError from a compiled extension built for another ABI
+        return False
+    return True
+
+
+def resolve_attn_implementation(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The attention implementation to load a model with (transformers' ``attn_implementation``).
+
+    ``auto``: ``flash_attention_2`` on CUDA in fp16/bf16 when the ``flash_attn`` package imports, else ``sdpa``
+    (:func:`shortened.models.load_model` falls back to ``eager`` for architectures without SDPA support). Any other
+    value (``eager``, ``sdpa``, ``flash_attention_2``, ``flash_attention_3``, ``flex_attention``, a kernels hub
+    id, …) is returned as it is, after checking that a flash-attention request can run here: its package imports,
+    CUDA is available (a model loaded on the CPU to be moved later, as training does, may ask for it) and the dtype
+    is fp16/bf16. Raises :class:`ShortenedError` naming ``attn_implementation`` otherwise.
+    """
+    if not isinstance(requested, str) or not requested.strip():
+        raise ShortenedError(f"attn_implementation: {requested!r} is not an attention implementation (auto, sdpa, "
+                             "eager, flash_attention_2, ...)")
+    half = dtype in (torch.float16, torch.bfloat16)
+    if requested == ATTN_AUTO:
+        if device.type == "cuda" and half and package_importable(_FLASH_PACKAGES["flash_attention_2"]):
+            return "flash_attention_2"
+        return "sdpa"
+    package = _FLASH_PACKAGES.get(requested)
+    if package is not None:
+        if not package_importable(package):
+            raise ShortenedError(f"attn_implementation {requested!r}: the {package} package is not installed or does "
+                                 "not import here; install it, or use auto/sdpa")
+        if device.type != "cuda" and not torch.cuda.is_available():  # loading on CPU to move later is fine
+            raise ShortenedError(f"attn_implementation {requested!r} needs a CUDA device; none is available here")
+        if not half:
+            raise ShortenedError(f"attn_implementation {requested!r} runs in float16/bfloat16 only, got "
+                                 f"{dtype_name(dtype)}; use --dtype bfloat16 or attn_implementation sdpa")
+    return requested

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from shortened.device import resolve_device, resolve_dtype
+from shortened.device import ATTN_AUTO, resolve_attn_implementation, resolve_device, resolve_dtype
 from shortened.errors import ShortenedError
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,19 @@ def resolve_source(spec: str, gguf_file: str | None = None, *, what: str = "mode
 
 
 def load_model(spec: str | ModelSource, *, gguf_file: str | None = None, device: str = "auto",
-               dtype: str = "auto") -> PreTrainedModel:
-    """Load a causal LM in eval mode on the resolved device/precision, ready to prune and ``save_pretrained``."""
+               dtype: str = "auto", attn_implementation: str = ATTN_AUTO) -> PreTrainedModel:
+    """Load a causal LM in eval mode on the resolved device/precision, ready to prune and ``save_pretrained``.
+
+    ``attn_implementation``: ``auto`` (default) is ``flash_attention_2`` on CUDA in fp16/bf16 with ``flash_attn``
+    installed, else ``sdpa``, falling back to ``eager`` for an architecture that supports neither (Gemma-2 has no
+    SDPA); an explicit value is used as it is (:func:`shortened.device.resolve_attn_implementation`). The
+    implementation used is ``model.config._attn_implementation`` and is logged. Raises :class:`ShortenedError` for an
+    unreadable model, an encoder-decoder, or an explicit attention implementation that cannot load it.
+    """
     source = spec if isinstance(spec, ModelSource) else resolve_source(spec, gguf_file)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    attn = resolve_attn_implementation(attn_implementation, dev, torch_dtype)
     try:
         config = AutoConfig.from_pretrained(source.path, **source.from_pretrained_kwargs())
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError depending on the failure
@@ -115,17 +123,37 @@ def load_model(spec: str | ModelSource, *, gguf_file: str | None = None, device:
     if getattr(config, "is_encoder_decoder", False):
         raise ShortenedError(f"model {source.describe()!r} (model_type {config.model_type!r}) is an "
                              "encoder-decoder; only decoder-only LLMs can be depth-pruned here")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype,
-                                                     **source.from_pretrained_kwargs())
-    except Exception as exc:
-        raise ShortenedError(f"model {source.describe()!r} (model_type {config.model_type!r}) could not be "
-                             f"loaded as a causal LM: {exc}") from exc
+    # auto: what the architecture cannot run falls through to the next (transformers refuses an explicit
+    # implementation a model class does not support with a ValueError, before any weight is read)
+    chain = [attn] + ([a for a in ("sdpa", "eager") if a != attn] if attn_implementation == ATTN_AUTO else [])
+    for k, impl in enumerate(chain):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype, attn_implementation=impl,
+                                                         **source.from_pretrained_kwargs())
+            break
+        except (ValueError, ImportError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+            if k + 1 < len(chain) and "attention" in str(exc).lower():  # not a failure about something else
+                log.info("attn_implementation auto: %s is not available for %s (%s); trying %s", impl,
+                         config.model_type, first, chain[k + 1])
+                continue
+            what = f"attn_implementation {impl!r}: " if attn_implementation != ATTN_AUTO else ""
+            raise ShortenedError(f"{what}model {source.describe()!r} (model_type {config.model_type!r}) could not "
+                                 f"be loaded as a causal LM: {exc}") from exc
+        except Exception as exc:
+            raise ShortenedError(f"model {source.describe()!r} (model_type {config.model_type!r}) could not be "
+                                 f"loaded as a causal LM: {exc}") from exc
     if source.gguf_file:
         _drop_gguf_quantizer(model)
     model.to(dev).eval()
-    log.info("loaded %s (%s, %s, %s)", source.describe(), model.config.model_type, dev, torch_dtype)
+    log.info("loaded %s (%s, %s, %s, attn_implementation %s)", source.describe(), model.config.model_type, dev,
+             torch_dtype, attn_used(model))
     return model
+
+
+def attn_used(model: PreTrainedModel) -> str | None:
+    """The attention implementation the model runs with (``config._attn_implementation``), None if it names none."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
 def _drop_gguf_quantizer(model: PreTrainedModel) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 
 import pytest
@@ -89,3 +90,78 @@ def test_a_missing_path_under_an_existing_folder_is_local(tmp_path, monkeypatch)
         with pytest.raises(ShortenedError, match=f"no such folder '{spec}'"):
             resolve_source(spec)
     assert resolve_source("HuggingFaceTB/SmolLM2-135M").path == "HuggingFaceTB/SmolLM2-135M"  # a hub id stays one
+
+
+def test_attn_implementation_resolution(monkeypatch):
+    """auto: flash_attention_2 only on CUDA in half precision with flash_attn importable, else sdpa; explicit values
+    pass through; an explicit flash-attention without its package is refused naming the option."""
+    from shortened import device
+    from shortened.device import resolve_attn_implementation
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_attn_implementation("auto", cpu, torch.float32) == "sdpa"
+    assert resolve_attn_implementation("auto", cpu, torch.bfloat16) == "sdpa"
+    for explicit in ("eager", "sdpa", "flex_attention"):
+        assert resolve_attn_implementation(explicit, cpu, torch.float32) == explicit
+    monkeypatch.setattr(device, "package_importable", lambda name: False)
+    with pytest.raises(ShortenedError, match="attn_implementation 'flash_attention_2': the flash_attn package"):
+        resolve_attn_implementation("flash_attention_2", cuda, torch.bfloat16)
+    assert resolve_attn_implementation("auto", cuda, torch.bfloat16) == "sdpa"  # no flash_attn: sdpa
+    monkeypatch.setattr(device, "package_importable", lambda name: name == "flash_attn")
+    assert resolve_attn_implementation("auto", cuda, torch.bfloat16) == "flash_attention_2"
+    assert resolve_attn_implementation("auto", cuda, torch.float16) == "flash_attention_2"
+    assert resolve_attn_implementation("auto", cuda, torch.float32) == "sdpa"  # flash runs in half precision only
+    assert resolve_attn_implementation("auto", cpu, torch.bfloat16) == "sdpa"
+    with pytest.raises(ShortenedError, match="attn_implementation 'flash_attention_2' runs in float16/bfloat16"):
+        resolve_attn_implementation("flash_attention_2", cuda, torch.float32)
+    if not torch.cuda.is_available():
+        with pytest.raises(ShortenedError, match="attn_implementation 'flash_attention_2' needs a CUDA device"):
+            resolve_attn_implementation("flash_attention_2", cpu, torch.bfloat16)
+    with pytest.raises(ShortenedError, match="attn_implementation: '' is not"):
+        resolve_attn_implementation("", cpu, torch.float32)
+
+
+def test_load_model_attn_implementation(tmp_path):
+    """auto loads Llama with sdpa and Gemma-2 (no sdpa support in transformers) with eager; explicit values are used
+    as they are, and one the architecture refuses is an error naming the option."""
+    from tiny_models import tiny_model
+
+    from shortened.models import attn_used
+
+    for arch in ("llama", "gemma2"):
+        tiny_model(arch).save_pretrained(tmp_path / arch)
+    assert attn_used(load_model(str(tmp_path / "llama"), device="cpu")) == "sdpa"
+    assert attn_used(load_model(str(tmp_path / "gemma2"), device="cpu")) == "eager"
+    assert attn_used(load_model(str(tmp_path / "llama"), device="cpu", attn_implementation="eager")) == "eager"
+    with pytest.raises(ShortenedError, match="attn_implementation 'sdpa': model .*gemma2.* could not be loaded"):
+        load_model(str(tmp_path / "gemma2"), device="cpu", attn_implementation="sdpa")
+    with pytest.raises(ShortenedError, match="attn_implementation 'nonsense'"):
+        load_model(str(tmp_path / "llama"), device="cpu", attn_implementation="nonsense")
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ShortenedError, match="attn_implementation 'flash_attention_2': the flash_attn package"):
+            load_model(str(tmp_path / "llama"), device="cpu", attn_implementation="flash_attention_2")
+
+
+def test_cli_attn_implementation_flag(tmp_path):
+    """Every verb that loads a model takes --attn-implementation (default auto); score records what was used."""
+    import json
+
+    from tiny_models import tiny_model
+
+    from shortened.cli import build_parser, main
+
+    parser = build_parser()
+    for verb in (["score", "--criterion", "ppl", "--out", "o.json"], ["prune", "--criterion", "ppl", "--blocks", "1",
+                 "--out", "o"], ["prune-width", "--ratio", "0.1", "--out", "o"], ["eval", "--out", "o.json"]):
+        assert parser.parse_args([*verb, "--model", "m"]).attn_implementation == "auto"
+        assert parser.parse_args([*verb, "--model", "m", "--attn-implementation", "eager"]).attn_implementation == \
+            "eager"
+    tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "scores.json"
+    assert main(["score", "--model", str(tmp_path / "tiny"), "--criterion", "magnitude", "--device", "cpu",
+                 "--dtype", "float32", "--attn-implementation", "eager", "--out", str(out), "--quiet"]) == 0
+    record = json.loads(out.read_text())
+    assert (record["dtype"], record["device"], record["attn_implementation"]) == ("float32", "cpu", "eager")
+    assert main(["score", "--model", str(tmp_path / "tiny"), "--criterion", "magnitude", "--device", "cpu",
+                 "--attn-implementation", "flash_attention_2", "--out", str(tmp_path / "no.json")]) == 2
+    assert not (tmp_path / "no.json").exists()

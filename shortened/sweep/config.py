@@ -99,6 +99,10 @@ class SweepConfig(BaseModel):
     store_url: str | None = None  # default: sqlite:///<experiment folder>/results.db
     device: str = "auto"  # for the prune/evaluate tasks
     dtype: str = "auto"
+    # the dtype block scores are computed in (None: dtype); "float32" makes GPU and CPU sweeps score alike
+    score_dtype: str | None = None
+    # scoring, evaluation and speed; auto: flash_attention_2 on CUDA when installed, else sdpa (eager if unsupported)
+    attn_implementation: str = "auto"
 
     @field_validator("name")
     @classmethod
@@ -133,6 +137,13 @@ class SweepConfig(BaseModel):
                 raise ValueError(f"block counts must be >= 1, got {v}")
             return sorted(set(v))
         return v
+
+    @field_validator("dtype", "score_dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        from shortened.device import check_dtype_name
+
+        return v if v is None else check_dtype_name(v, "")
 
     @field_validator("methods")
     @classmethod

@@ -89,15 +89,22 @@ def _threads_for_task() -> None:
         torch.set_num_threads(max(1, int(cpus)))
 
 
+def scoring_dtype(cfg: SweepConfig) -> str:
+    """The dtype option block scores are computed in: ``score_dtype`` when pinned, else ``dtype``."""
+    return cfg.score_dtype or cfg.dtype
+
+
 def compute_scores(cfg_json: dict, criterion: str, n_remove: int, out: str) -> str:
-    """Score every block of the original model once per criterion; trials prune from this file."""
+    """Score every block of the original model once per criterion, in :func:`scoring_dtype` with the config's
+    ``attn_implementation``; trials prune from this file (which records the dtype and device used)."""
     from shortened.data.calibration import calibration_windows, describe
     from shortened.models import load_model, load_tokenizer
     from shortened.pruning import score_blocks
 
     _threads_for_task()
     cfg = SweepConfig.model_validate(cfg_json)
-    model = load_model(cfg.model, gguf_file=cfg.gguf_file, device=cfg.device, dtype=cfg.dtype)
+    model = load_model(cfg.model, gguf_file=cfg.gguf_file, device=cfg.device, dtype=scoring_dtype(cfg),
+                       attn_implementation=cfg.attn_implementation)
     calib, info = None, {}
     from shortened.criteria import DATA_FREE
 
@@ -128,10 +135,25 @@ def prune_stage(cfg_json: dict, spec_json: dict, scores_file: str, out: str) -> 
     model = load_model(cfg.model, gguf_file=cfg.gguf_file, device="cpu", dtype=cfg.dtype)
     n = resolve_block_count(model, ratio=spec.ratio, blocks=spec.blocks, keep_first=cfg.keep_first,
                             keep_last=cfg.keep_last)
-    result = prune(model, BlockScores.load(scores_file), n, keep_first=cfg.keep_first, keep_last=cfg.keep_last,
+    scores = BlockScores.load(scores_file)
+    _warn_scores_dtype(cfg, scores, scores_file)
+    result = prune(model, scores, n, keep_first=cfg.keep_first, keep_last=cfg.keep_last,
                    ratio_requested=spec.ratio, model_name=cfg.model)
     save_pruned(result, out, load_tokenizer(cfg.model, gguf_file=cfg.gguf_file), overwrite=True)
     return result.report
+
+
+def _warn_scores_dtype(cfg: SweepConfig, scores, where: str) -> None:
+    """Log a warning when shared scores (a resumed sweep reuses them) were computed in another dtype than the one
+    this config scores in here (``score_dtype`` changed, or scores from other hardware under ``auto``)."""
+    from shortened.device import resolve_device, resolve_dtype
+    from shortened.errors import ShortenedError
+
+    try:
+        now = resolve_dtype(scoring_dtype(cfg), resolve_device(cfg.device))
+    except ShortenedError:  # this task cannot use the scoring device: nothing to compare with
+        return
+    scores.dtype_mismatch(now, where)
 
 
 def evaluate_stage(cfg_json: dict, model: str, gguf_file: str | None, out: str) -> dict:
@@ -143,7 +165,8 @@ def evaluate_stage(cfg_json: dict, model: str, gguf_file: str | None, out: str) 
     cfg = SweepConfig.model_validate(cfg_json)
     if Path(out).is_file():
         return json.loads(Path(out).read_text())
-    m = load_model(model, gguf_file=gguf_file, device=cfg.device, dtype=cfg.dtype)
+    m = load_model(model, gguf_file=gguf_file, device=cfg.device, dtype=cfg.dtype,
+                   attn_implementation=cfg.attn_implementation)
     result = evaluate(m, load_tokenizer(model, gguf_file=gguf_file), cfg.eval.model_copy(update={"speed": False,
                                                                                                  "progress": False}))
     write_json_atomic(out, result)
@@ -160,9 +183,10 @@ def speed_stage(cfg_json: dict, model: str, out: str) -> dict:
     if Path(out).is_file():
         return json.loads(Path(out).read_text())
     e = cfg.eval
-    models = {"baseline": (load_model(cfg.model, gguf_file=cfg.gguf_file, device=cfg.device, dtype=cfg.dtype),
+    opts = {"device": cfg.device, "dtype": cfg.dtype, "attn_implementation": cfg.attn_implementation}
+    models = {"baseline": (load_model(cfg.model, gguf_file=cfg.gguf_file, **opts),
                            load_tokenizer(cfg.model, gguf_file=cfg.gguf_file)),
-              "model": (load_model(model, device=cfg.device, dtype=cfg.dtype), load_tokenizer(model))}
+              "model": (load_model(model, **opts), load_tokenizer(model))}
     rows = compare_speed(models, batch_sizes=e.speed_batch_sizes, new_tokens=e.speed_new_tokens,
                          repeats=e.speed_repeats, warmup=e.speed_warmup, progress=False)
     result = {"speed": rows}
