@@ -157,9 +157,42 @@ def test_speed_forces_output_length_and_compares_models(tiny, smollm2_tokenizer)
     for r in rows:
         assert len(r["latency_runs_s"]) == 2 and r["tokens_per_s"] == pytest.approx(r["batch_size"] *
                                                                                    r["new_tokens"] / r["latency_s"])
-        assert r["memory_kind"] == "process_rss" and r["peak_memory_mb"] > 100
+        assert r["memory_kind"] == "process_rss" and r["device_peak_mb"] > 100  # the process: torch, both models
+        assert r["peak_memory_mb"] == pytest.approx(r["model_memory_mb"] + r["generation_peak_mb"])
+        assert r["generation_peak_mb"] >= 0
         if r["model"] == "baseline":
             assert r["speedup_vs_baseline"] == 1.0
+
+
+def test_speed_memory_is_each_models_own_not_the_devices(smollm2_tokenizer):
+    """Two models of different sizes loaded in one process (as the sweep's speed stage holds the dense and the
+    pruned model): each row's memory is that model's alone, so the smaller one's stored figure is smaller, and its
+    weight figure is exactly the bytes of its parameters and buffers."""
+    from shortened.evaluation.speed import model_memory_bytes, speed_table
+
+    shape = dict(vocab_size=len(smollm2_tokenizer), hidden_size=256, intermediate_size=2048, num_attention_heads=4,
+                 num_key_value_heads=2, num_hidden_layers=12)
+    big = tiny_model("llama", **shape).eval()
+    small = tiny_model("llama", **shape).eval()
+    remove_blocks(small, list(range(2, 12)))
+    rows = compare_speed({"big": (big, smollm2_tokenizer), "small": (small, smollm2_tokenizer)}, new_tokens=[4],
+                         repeats=2, warmup=1, progress=False)
+    by = {r["model"]: r for r in rows}
+    for name, model in (("big", big), ("small", small)):
+        exact = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        assert model_memory_bytes(model) == exact
+        assert by[name]["model_memory_mb"] == exact / 2**20
+    assert by["big"]["model_memory_mb"] - by["small"]["model_memory_mb"] > 60  # 10 blocks of ~7 MiB
+    stored = {(m["name"], m["protocol"]): m["value"] for m in metric_rows({"speed": [by["small"]]})}
+    big_stored = {(m["name"], m["protocol"]): m["value"] for m in metric_rows({"speed": [by["big"]]})}
+    key = ("peak_memory_mb", "params+buffers+process_rss")
+    assert stored[key] < big_stored[key]
+    assert stored[key] < by["big"]["model_memory_mb"]  # the big model's weights are not in the small one's figure
+    assert stored[("model_memory_mb", "params+buffers")] == by["small"]["model_memory_mb"]
+    assert ("generation_peak_mb", "process_rss") in stored
+    # the process peak counts both models: the figure the rows used to store
+    assert by["small"]["device_peak_mb"] > by["big"]["model_memory_mb"] + by["small"]["model_memory_mb"]
+    assert "weights MiB" in speed_table(rows)
 
 
 @pytest.mark.parametrize("eos,pad,expected", [([2, 0], None, 2), ([5, 7], 3, 3), (9, None, 9)])
@@ -206,6 +239,8 @@ def test_cli_eval_writes_every_section(tiny_llama_dir, tmp_path, capsys):
     (["--ppl", "ptb", "--baseline", "x"], "--baseline is compared by --speed"),
     (["--speed", "--limit", "5"], "--limit would be ignored: it applies to zero-shot tasks (--tasks)"),
     (["--speed", "--zeroshot-cache", "c"], "--zeroshot-cache would be ignored"),
+    (["--speed", "--zeroshot-batch-size", "auto"], "--zeroshot-batch-size would be ignored"),
+    (["--tasks", "piqa", "--zeroshot-batch-size", "0"], "--zeroshot-batch-size: must be"),
     (["--tasks", "piqa", "--ppl-windows", "3"], "--ppl-windows would be ignored: it applies to perplexity (--ppl)"),
     (["--ppl", "", "--tasks", "piqa", "--ppl-seq-len", "64"], "--ppl-seq-len would be ignored"),
     (["--tasks", "piqa", "--zeroshot-cache", "{out}/below"], "--zeroshot-cache {out}/below: {out} is a file"),
@@ -231,6 +266,31 @@ def test_cli_eval_refuses_a_file_as_zeroshot_cache_before_loading(tiny_llama_dir
     assert "zeroshot_cache" in err and "is not a folder" in err and not out.exists()
 
 
+def test_zeroshot_batch_size_is_auto_on_a_gpu_and_the_cpu_setting_elsewhere(tiny, smollm2_tokenizer):
+    from pydantic import ValidationError
+
+    from shortened.errors import ShortenedError
+    from shortened.evaluation.zeroshot import resolve_batch_size
+
+    assert resolve_batch_size(None, torch.device("cuda:0")) == "auto" and resolve_batch_size(None, "cuda") == "auto"
+    assert resolve_batch_size(None, torch.device("cpu")) == 8 and resolve_batch_size(None, "cpu", 3) == 3
+    assert resolve_batch_size(16, "cuda") == 16 and resolve_batch_size("auto", "cpu") == "auto"
+    for bad in (0, -2, "big", True, 2.5):
+        with pytest.raises(ShortenedError, match="an integer >= 1 or 'auto'"):
+            resolve_batch_size(bad, "cpu")
+    assert EvalConfig().zeroshot_batch_size is None
+    assert EvalConfig(zeroshot_batch_size="auto").zeroshot_batch_size == "auto"
+    assert EvalConfig(zeroshot_batch_size=4).zeroshot_batch_size == 4
+    for bad in (0, "big"):
+        with pytest.raises(ValidationError):
+            EvalConfig(zeroshot_batch_size=bad)
+    # on this CPU: None runs with the config's batch_size (as before), an explicit size as given; both recorded
+    cfg = EvalConfig(ppl=[], tasks=["openbookqa"], limit=2, batch_size=3, progress=False)
+    assert evaluate(tiny, smollm2_tokenizer, cfg)["zeroshot"]["batch_size"] == 3
+    cfg = cfg.model_copy(update={"zeroshot_batch_size": 2})
+    assert evaluate(tiny, smollm2_tokenizer, cfg)["zeroshot"]["batch_size"] == 2
+
+
 def test_evaluate_config_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown perplexity dataset"):
         EvalConfig(ppl=["wiki"])
@@ -243,3 +303,23 @@ def test_smollm2_wikitext2_perplexity_is_sane(smollm2, smollm2_tokenizer):
     cfg = EvalConfig(ppl=["wikitext2"], ppl_max_windows=64, progress=False)
     dense = evaluate(smollm2, smollm2_tokenizer, cfg)["ppl"][0]["value"]
     assert 20 < dense < 120  # 64.0 measured; a broken model or protocol gives hundreds to thousands
+
+
+def test_report_table_has_the_batch1_peak_memory_of_each_model_alone():
+    from shortened.sweep.report import trial_table
+    from shortened.sweep.selection import lower_is_better
+
+    def trial(key, peak, ratio):
+        return {"key": key, "status": "completed", "criterion": None if key == "dense" else "ppl", "method": "none",
+                "ratio": None, "ratio_actual": ratio, "num_blocks": 8, "params": 10**6, "tokens_trained": 0,
+                "total_s": 60.0, "blocks_requested": None,
+                "metrics": [{"name": "peak_memory_mb", "dataset": "gen-b1-n128", "value": peak,
+                             "protocol": "params+buffers+cuda_max_allocated"},
+                            {"name": "peak_memory_mb", "dataset": "gen-b8-n128", "value": 2 * peak,
+                             "protocol": "params+buffers+cuda_max_allocated"}]}
+
+    headers, rows = trial_table([trial("dense", 300.0, 0.0), trial("ppl-r0.2-none", 250.0, 0.2)])
+    assert headers.count("peak MiB b1-n128") == 1 and "peak MiB b8-n128" not in headers
+    col = headers.index("peak MiB b1-n128")
+    assert [r[col] for r in rows] == ["300", "250"]
+    assert all(lower_is_better(m) for m in ("peak_memory_mb", "model_memory_mb", "generation_peak_mb"))

@@ -7,13 +7,13 @@ from __future__ import annotations
 import datetime as dt
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shortened.evaluation.perplexity import PPL_DATASETS, PROTOCOL_SEQ_LEN, evaluate_ppl
-from shortened.evaluation.zeroshot import TASKS, evaluate_zeroshot, parse_tasks
+from shortened.evaluation.zeroshot import TASKS, evaluate_zeroshot, parse_tasks, resolve_batch_size
 
 
 class EvalConfig(BaseModel):
@@ -33,7 +33,10 @@ class EvalConfig(BaseModel):
     speed_new_tokens: list[int] = Field(default_factory=lambda: [128])
     speed_repeats: int = Field(3, ge=1)
     speed_warmup: int = Field(1, ge=0)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1)  # perplexity windows per forward (and zero-shot on a CPU, by default)
+    # zero-shot sequences per forward: an int, "auto" (lm-eval finds the largest that fits), or None: "auto" on a GPU,
+    # batch_size on a CPU
+    zeroshot_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
     zeroshot_cache: str | None = None  # folder for lm-eval's response cache, one file per model weights
     progress: bool = True
 
@@ -93,7 +96,9 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: Ev
                                   source=cfg.ppl_source, progress=cfg.progress) for d in cfg.ppl]
     if cfg.tasks:
         result["zeroshot"] = evaluate_zeroshot(model, tokenizer, cfg.tasks, limit=cfg.limit,
-                                               batch_size=cfg.batch_size, source=cfg.tasks_source,
+                                               batch_size=resolve_batch_size(cfg.zeroshot_batch_size, model.device,
+                                                                             cfg.batch_size),
+                                               source=cfg.tasks_source,
                                                cache_dir=cfg.zeroshot_cache)
     if cfg.speed:
         models = {"model": (model, tokenizer)}
@@ -106,7 +111,12 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: Ev
 
 
 def metric_rows(result: dict) -> list[dict]:
-    """Flat ``{name, dataset, value, protocol}`` rows of an :func:`evaluate` result (for tables and the store)."""
+    """Flat ``{name, dataset, value, protocol}`` rows of an :func:`evaluate` result (for tables and the store).
+
+    Speed rows give ``latency_s``, ``tokens_per_s``, ``speedup_vs_baseline`` and the model's own memory in MiB:
+    ``model_memory_mb`` (weights), ``generation_peak_mb`` (working memory) and ``peak_memory_mb`` (their sum); see
+    :mod:`shortened.evaluation.speed`. Speed rows saved before these existed (whose ``peak_memory_mb`` counted every
+    model on the device) give no memory rows."""
     rows = [{"name": "ppl", "dataset": r["dataset"], "value": r["value"], "protocol": f"{r['protocol']}-{r['seq_len']}"}
             for r in result.get("ppl", [])]
     zs = result.get("zeroshot")
@@ -118,9 +128,14 @@ def metric_rows(result: dict) -> list[dict]:
                      "value": zs["mean"], "protocol": protocol})
     for r in result.get("speed", []):
         if r["model"] != "baseline":
-            for name in ("latency_s", "tokens_per_s", "peak_memory_mb", "speedup_vs_baseline"):
-                rows.append({"name": name, "dataset": f"gen-b{r['batch_size']}-n{r['new_tokens']}",
-                             "value": r[name], "protocol": r["memory_kind"] if "memory" in name else "greedy"})
+            dataset = f"gen-b{r['batch_size']}-n{r['new_tokens']}"
+            rows += [{"name": name, "dataset": dataset, "value": r[name], "protocol": "greedy"}
+                     for name in ("latency_s", "tokens_per_s", "speedup_vs_baseline")]
+            if "model_memory_mb" in r:  # memory of this model alone (rows written before it carried both models)
+                kind = r["memory_kind"]
+                rows += [{"name": name, "dataset": dataset, "value": r[name], "protocol": protocol}
+                         for name, protocol in (("model_memory_mb", "params+buffers"), ("generation_peak_mb", kind),
+                                                ("peak_memory_mb", f"params+buffers+{kind}"))]
     return rows
 
 

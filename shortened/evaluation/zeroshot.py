@@ -162,17 +162,39 @@ def weights_digest(model: PreTrainedModel) -> str:
     return h.hexdigest()[:16]
 
 
+CPU_BATCH_SIZE = 8  # sequences per forward on a CPU, where lm-eval's "auto" search would start at 64
+
+
+def resolve_batch_size(batch_size: int | Literal["auto"] | None, device, cpu_default: int = CPU_BATCH_SIZE
+                       ) -> int | Literal["auto"]:
+    """The batch size handed to lm-eval: ``batch_size`` when given (an int >= 1 or ``"auto"``); else ``"auto"`` on a
+    GPU (lm-eval finds the largest batch that fits, from 64 down, on the longest request) and ``cpu_default``
+    elsewhere. ``device`` is a :class:`torch.device` or its name. Raises :class:`ShortenedError` for anything else
+    (0, negatives, other strings)."""
+    if batch_size is None:
+        return "auto" if str(device).startswith("cuda") else cpu_default
+    if batch_size == "auto" or (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+        return batch_size
+    raise ShortenedError(f"zero-shot batch size {batch_size!r}: an integer >= 1 or 'auto'")
+
+
 def evaluate_zeroshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: str | Sequence[str] = "all",
-                      *, limit: int | None = None, batch_size: int = 8, source: Literal["local", "hub"] = "local",
-                      max_length: int | None = None, cache_dir: str | None = None) -> dict:
+                      *, limit: int | None = None, batch_size: int | Literal["auto"] | None = None,
+                      source: Literal["local", "hub"] = "local", max_length: int | None = None,
+                      cache_dir: str | None = None) -> dict:
     """Run the tasks through lm-eval's HFLM wrapping ``model`` (no copy); one row per task plus the mean.
 
+    ``batch_size``: sequences per forward, an int or ``"auto"``; None means :func:`resolve_batch_size`'s default
+    (``"auto"`` on a GPU, 8 on a CPU). The result records the size used (``batch_size``, and for ``"auto"`` the
+    sizes lm-eval found, ``batch_sizes_found``).
     ``cache_dir``: lm-eval's response cache, committed per request, in a file named by a hash of the model's weights
-    (lm-eval keys it by request only), so an interrupted full-split run resumes where it stopped."""
+    (lm-eval keys it by request only), so an interrupted full-split run resumes where it stopped.
+    Raises :class:`ShortenedError` for an unknown task, a missing local task file or a bad batch size."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     names = parse_tasks(tasks)
+    batch_size = resolve_batch_size(batch_size, model.device)
     start = time.perf_counter()
     specs = [task_config(t) for t in names] if source == "local" else [TASKS[t].hub_task for t in names]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
@@ -194,5 +216,8 @@ def evaluate_zeroshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
                      "items": items, "items_total": int(out["n-samples"][key]["original"]),
                      "chance": chance, "above_chance": above_chance(value, chance, items), "source": source})
     mean = sum(r["value"] for r in rows) / len(rows)
-    return {"tasks": rows, "mean": mean, "mean_stderr": mean_stderr([r["stderr"] for r in rows]), "complete": len(names) == len(TASKS),
-            "limit": limit, "lm_eval_version": lm_eval.__version__, "seconds": time.perf_counter() - start}
+    found = sorted(set(getattr(lm, "batch_sizes", {}).values())) if batch_size == "auto" else None
+    return {"tasks": rows, "mean": mean, "mean_stderr": mean_stderr([r["stderr"] for r in rows]),
+            "complete": len(names) == len(TASKS), "limit": limit, "batch_size": batch_size,
+            **({"batch_sizes_found": found} if found is not None else {}),
+            "lm_eval_version": lm_eval.__version__, "seconds": time.perf_counter() - start}

@@ -39,7 +39,8 @@ def open_experiment(ref: str, store_url: str | None = None, storage_path: str = 
 
 
 def _metric_columns(trials: list[dict]) -> list[str]:
-    """``NAME:DATASET`` columns worth a table column: perplexities, the zero-shot mean, batch-1 speedups."""
+    """``NAME:DATASET`` columns worth a table column: perplexities, the zero-shot mean, batch-1 speedups and batch-1
+    peak memory of each model alone (``peak_memory_mb``: its weights plus its generation's working memory, MiB)."""
     cols: dict[str, None] = {}
     for t in trials:
         for m in t["metrics"]:
@@ -51,13 +52,18 @@ def _metric_columns(trials: list[dict]) -> list[str]:
         for m in t["metrics"]:
             if m["name"] == "speedup_vs_baseline" and m["dataset"].startswith("gen-b1-"):
                 cols[f"speedup_vs_baseline:{m['dataset']}"] = None
+    for t in trials:
+        for m in t["metrics"]:
+            if m["name"] == "peak_memory_mb" and m["dataset"].startswith("gen-b1-"):
+                cols[f"peak_memory_mb:{m['dataset']}"] = None
     return list(cols)
 
 
 def trial_table(trials: list[dict]) -> tuple[list[str], list[list[str]]]:
     cols = _metric_columns(trials)
     headers = ["trial", "status", "criterion", "method", "ratio", "actual", "blocks", "params (M)", "tokens",
-               *[c.replace("speedup_vs_baseline:gen-", "speedup ") for c in cols], "minutes"]
+               *[c.replace("speedup_vs_baseline:gen-", "speedup ").replace("peak_memory_mb:gen-", "peak MiB ")
+                 for c in cols], "minutes"]
 
     def f(v, fmt="{:.3f}") -> str:
         return "" if v is None else fmt.format(v)
@@ -166,6 +172,9 @@ def write_report(store: ResultsStore, name: str, out_dir: str | Path, choice: Ch
                             log_y=True)
         elif col == "zeroshot_mean":
             p = plot_metric(trials, col, out_dir / "zeroshot_mean.png", "zero-shot mean accuracy vs ratio")
+        elif col.startswith("peak_memory_mb:"):
+            p = plot_metric(trials, col, out_dir / f"peak_memory_{col.rsplit(':', 1)[1]}.png",
+                            f"peak memory of the model alone, MiB ({col.rsplit(':', 1)[1]}) vs ratio")
         else:
             p = plot_metric(trials, col, out_dir / f"speedup_{col.rsplit(':', 1)[1]}.png",
                             f"generation speedup ({col.rsplit(':', 1)[1]}) vs ratio")

@@ -17,7 +17,7 @@ from shortened.errors import ShortenedError
 from shortened.sweep.config import Selection
 from shortened.sweep.trial import DENSE
 
-LOWER_IS_BETTER = {"ppl", "latency_s", "peak_memory_mb"}
+LOWER_IS_BETTER = {"ppl", "latency_s", "peak_memory_mb", "model_memory_mb", "generation_peak_mb"}
 
 
 def lower_is_better(metric: str) -> bool:
