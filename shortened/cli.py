@@ -85,6 +85,15 @@ POSITIVE = _number(float, 0, lo_open=True)
 FRACTION = _number(float, 0, 1)
 
 
+def COUNT_OR_AUTO(text: str) -> int | str:  # noqa: N802 (an argparse type, named like the others)
+    """A count >= 1 or ``auto`` (lm-eval's batch-size search)."""
+    return "auto" if text.strip().lower() == "auto" else COUNT(text)
+
+
+SAVE_DTYPE_HELP = ("dtype of the saved weights: auto (default; the source model's: its config.json dtype; a GGUF "
+                   "file: the dtype its weights are stored in, float32 when quantized), float32, bfloat16, float16")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="hub id, local HF folder, .gguf file, folder with one .gguf, or 'smollm2'")
@@ -157,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--scores", help="reuse a scores JSON from `shortened score` (skips scoring)")
     prune.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    prune.add_argument("--save-dtype", default="auto", choices=io.SAVE_DTYPES, help=SAVE_DTYPE_HELP)
     prune.set_defaults(func=cmd_prune)
 
     pw = sub.add_parser("prune-width", help="the width baseline: remove head groups and MLP channels from every "
@@ -201,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--name", help="run name (default: the output folder's name); the same name resumes")
     rt.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     rt.add_argument("--out", required=True, help="folder for the retrained HF checkpoint")
+    rt.add_argument("--save-dtype", choices=io.SAVE_DTYPES,
+                    help="dtype of the exported weights: auto (default; the --model folder's config.json dtype, else "
+                         "the training dtype), float32, bfloat16, float16")
     rt.add_argument("--overwrite", action="store_true")
     rt.set_defaults(func=cmd_retrain)
 
@@ -226,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--speed-warmup", type=NON_NEGATIVE, default=1)
     ev.add_argument("--baseline", help="a second model for --speed, run alternately; rows get speedups over it")
     ev.add_argument("--batch-size", type=COUNT, default=8, help="sequences per forward for ppl and zero-shot")
+    ev.add_argument("--zeroshot-batch-size", type=COUNT_OR_AUTO,
+                    help="zero-shot sequences per forward, or 'auto' (lm-eval finds the largest that fits); default: "
+                         "auto on a GPU, --batch-size on a CPU")
     _add_tokenizer_arg(ev, "perplexity, zero-shot and speed all need one")
     ev.add_argument("--zeroshot-cache", help="folder for lm-eval's response cache (one file per model weights): an "
                                              "interrupted zero-shot run resumes where it stopped")
@@ -432,7 +448,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         scores = _scores_for(args, model, n_remove, tokenizer)
     result = prune(model, scores, n_remove, keep_first=args.keep_first, keep_last=args.keep_last,
                    ratio_requested=args.ratio, model_name=_recorded_model(args.model))
-    out = save_pruned(result, args.out, tokenizer, overwrite=args.overwrite)
+    out = save_pruned(result, args.out, tokenizer, overwrite=args.overwrite,
+                      dtype=io.resolve_save_dtype(args.save_dtype, _source(args)))
     r = result.report
     print(json.dumps({"out": str(out), "removed_blocks": r["removed_blocks"], "num_blocks_after": r["num_blocks_after"],
                       "params_before": r["params_before"], "params_after": r["params_after"],
@@ -506,7 +523,8 @@ def train_config(args: argparse.Namespace):
         if not isinstance(fields, dict):
             raise ShortenedError(f"--config {args.config}: expected a mapping of TrainConfig fields")
     flags = {"method": args.method, "train_tokens": args.train_tokens, "micro_batch_size": args.micro_batch_size,
-             "grad_accum": args.grad_accum, "lr": args.lr, "zero_stage": args.zero_stage}
+             "grad_accum": args.grad_accum, "lr": args.lr, "zero_stage": args.zero_stage,
+             "save_dtype": args.save_dtype}
     fields.update({k: v for k, v in flags.items() if v is not None})
     data = dict(fields.get("data") or {})
     if args.data is not None:
@@ -564,12 +582,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                   speed_batch_sizes=_int_list(args.speed_batch_sizes, "--speed-batch-sizes"),
                   speed_new_tokens=_int_list(args.speed_new_tokens, "--speed-new-tokens"),
                   speed_repeats=args.speed_repeats, speed_warmup=args.speed_warmup,
-                  batch_size=args.batch_size, zeroshot_cache=args.zeroshot_cache, progress=not args.quiet)
+                  batch_size=args.batch_size, zeroshot_batch_size=args.zeroshot_batch_size,
+                  zeroshot_cache=args.zeroshot_cache, progress=not args.quiet)
     cfg = validated(EvalConfig, fields, "eval option")
     if args.baseline and not args.speed:
         raise ShortenedError("--baseline is compared by --speed; add --speed")
     for flag, given, applies, to in (("--limit", args.limit, tasks, "zero-shot tasks (--tasks)"),
                                      ("--zeroshot-cache", args.zeroshot_cache, tasks, "zero-shot tasks (--tasks)"),
+                                     ("--zeroshot-batch-size", args.zeroshot_batch_size, tasks,
+                                      "zero-shot tasks (--tasks)"),
                                      ("--ppl-windows", args.ppl_windows, ppl_sets, "perplexity (--ppl)"),
                                      ("--ppl-seq-len", args.ppl_seq_len, ppl_sets, "perplexity (--ppl)")):
         if given is not None and not applies:

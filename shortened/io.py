@@ -1,4 +1,5 @@
-"""Small file helpers: atomic writes, so a failure never leaves a half-written result behind."""
+"""Small file helpers: atomic writes, so a failure never leaves a half-written result behind; model folders staged
+and published in one step, their weights written in the dtype asked for (the source model's by default)."""
 
 from __future__ import annotations
 
@@ -147,18 +148,157 @@ def check_output(path: str | Path, *, kind: str, overwrite: bool = False, flag: 
     return path
 
 
+# -- the dtype a checkpoint is saved in ------------------------------------------------------------------------------
+
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _torch_dtype(name):
+    """``float32``/``bfloat16``/``float16`` (a string, with or without ``torch.``, or a torch dtype) as a torch dtype;
+    None for anything else (``auto``, None, integer or 8-bit types)."""
+    import torch
+
+    floats = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if isinstance(name, torch.dtype):
+        return name if name in floats.values() else None
+    return floats.get(str(name).removeprefix("torch.")) if name is not None else None
+
+
+def source_dtype(spec, gguf_file: str | None = None):
+    """The dtype a source model is stored in, or None when it does not say. An HF folder or hub id: its config's
+    ``dtype`` (``torch_dtype`` in older configs). A GGUF file: ``float16``/``bfloat16`` when its weight tensors are
+    all stored so (F32 norms aside), else ``float32`` (quantized or F32 weights are dequantized to fp32); a GGUF file
+    that is not on this machine (a hub id) is ``float32``. ``spec`` is what :func:`shortened.models.resolve_source`
+    takes, or a :class:`~shortened.models.ModelSource`. Raises :class:`ShortenedError` when the config cannot be
+    read."""
+    import torch
+
+    from shortened.models import ModelSource, resolve_source
+
+    source = spec if isinstance(spec, ModelSource) else resolve_source(spec, gguf_file)
+    if source.gguf_file:
+        path = Path(source.path) / source.gguf_file
+        if not path.is_file():
+            return torch.float32
+        from gguf import GGMLQuantizationType, GGUFReader
+
+        stored = {GGMLQuantizationType(t.tensor_type) for t in GGUFReader(path).tensors}
+        stored.discard(GGMLQuantizationType.F32)
+        if stored == {GGMLQuantizationType.F16}:
+            return torch.float16
+        if stored == {GGMLQuantizationType.BF16}:
+            return torch.bfloat16
+        return torch.float32
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.path)
+    except Exception as exc:  # OSError, ValueError, KeyError, depending on what is wrong
+        raise ShortenedError(f"model {source.describe()!r}: its config could not be read for its dtype: {exc}") from exc
+    for c in (config, getattr(config, "get_text_config", lambda: config)()):
+        found = _torch_dtype(getattr(c, "dtype", None))
+        if found is not None:
+            return found
+    return None
+
+
+def resolve_save_dtype(save_dtype: str, source=None, gguf_file: str | None = None, *, fallback=None):
+    """The torch dtype to write a checkpoint in. ``save_dtype`` is one of :data:`SAVE_DTYPES`: an explicit dtype is
+    taken as it is; ``auto`` is the source model's (:func:`source_dtype` of ``source``/``gguf_file``), else
+    ``fallback`` (the export of a retrained model passes its training dtype), else float32. Raises
+    :class:`ShortenedError` for another ``save_dtype``."""
+    import torch
+
+    if save_dtype not in SAVE_DTYPES:
+        raise ShortenedError(f"save dtype {save_dtype!r}: choose one of {', '.join(SAVE_DTYPES)}")
+    if save_dtype != "auto":
+        return _torch_dtype(save_dtype)
+    found = source_dtype(source, gguf_file) if source is not None else None
+    return found or _torch_dtype(fallback) or torch.float32
+
+
+def _keep_fp32(model, dtype) -> Callable[[str], bool]:
+    """Whether a state-dict key is one that transformers keeps in fp32 when loading in ``dtype``
+    (``_keep_in_fp32_modules``, ``_keep_in_fp32_modules_strict``: MoE router biases and the like)."""
+    import re
+
+    try:
+        patterns = list(model._get_dtype_plan(dtype))
+    except (AttributeError, TypeError):
+        patterns = []
+    if not patterns:
+        return lambda key: False
+    # matched as transformers matches them when it loads (core_model_loading.build_glob_alternation): "*" is ".*",
+    # searched anywhere in the key
+    rx = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns))
+    return lambda key: rx.search(key) is not None
+
+
+def save_pretrained_as(model, folder: str | Path, dtype=None, *, in_place: bool = False) -> str:
+    """``model.save_pretrained(folder)`` with its floating-point weights written in ``dtype`` (None: as the model
+    holds them), and ``config.json``'s ``dtype`` saying so. Returns the dtype name written (``"bfloat16"``).
+
+    The live model is not changed: a cast copy of its state dict is written (tied weights stay one tensor), which
+    costs host memory of the saved size while it is written; ``in_place=True`` casts the model itself instead (for a
+    throwaway copy, such as the export of a retrained model: no extra memory). Integer buffers, and tensors the
+    architecture keeps in fp32 when loaded in ``dtype`` (``_keep_in_fp32_modules``), are written as they are."""
+    import torch
+
+    folder = Path(folder)
+    held = model.dtype
+    dtype = dtype or held
+    keep = _keep_fp32(model, dtype)
+    if dtype == held and all(t.dtype == dtype or not t.is_floating_point() for t in model.state_dict().values()):
+        model.save_pretrained(folder)
+    elif in_place:
+        with torch.no_grad():
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                if t.is_floating_point() and t.dtype != dtype and not keep(name):
+                    t.data = t.data.to(dtype)
+        model.save_pretrained(folder)
+    else:
+        cast, state = {}, {}
+        for key, t in model.state_dict().items():
+            if t.is_floating_point() and t.dtype != dtype and not keep(key):
+                ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                         t.dtype, str(t.device))  # tied weights: one storage, one cast tensor
+                if ident not in cast:
+                    cast[ident] = t.detach().to(device="cpu", dtype=dtype)
+                state[key] = cast[ident]
+            else:
+                state[key] = t
+        model.save_pretrained(folder, state_dict=state)  # (it stamps the live config with the live dtype: right)
+    name = str(dtype).removeprefix("torch.")
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+
+    def stamp(d: dict, top: bool) -> None:  # the config's dtype, and its sub-configs' that name one
+        for key in ("dtype", "torch_dtype"):
+            if key in d or (top and key == "dtype"):
+                d[key] = name
+        for key, value in d.items():
+            if key.endswith("_config") and isinstance(value, dict) and ("dtype" in value or "torch_dtype" in value):
+                stamp(value, False)
+
+    stamp(config, True)
+    write_text_atomic(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return name
+
+
 def save_model_dir(out: str | Path, model, tokenizer=None, *, report_name: str, report: dict,
-                   overwrite: bool = False, verify: Callable[[Path], None] | None = None) -> Path:
+                   overwrite: bool = False, verify: Callable[[Path], None] | None = None, dtype=None) -> Path:
     """Write an HF model (``save_pretrained``), its tokenizer and a JSON report to a staging folder beside ``out``,
     then move it into place in one step; a failure leaves no partial folder.
 
+    ``dtype``: the torch dtype the weights are written in (None: as the model holds them); the model in memory is
+    not changed (:func:`save_pretrained_as`).
     ``verify(staging)`` runs on the complete staging folder before it is published; whatever it raises removes
     the staging folder and propagates, so a folder that fails the check never appears at ``out``."""
     out = check_output(out, kind="dir", overwrite=overwrite, create=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(out)
     try:
-        model.save_pretrained(staging)
+        save_pretrained_as(model, staging, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         write_json_atomic(staging / report_name, report)

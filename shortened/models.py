@@ -235,14 +235,22 @@ def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
-def materialize(spec: str, out: str | Path, *, gguf_file: str | None = None) -> Path:
-    """Save ``spec`` as a plain HF folder once (GGUF dequantization is slow) and return it; reused if present."""
+def materialize(spec: str, out: str | Path, *, gguf_file: str | None = None, save_dtype: str = "auto") -> Path:
+    """Save ``spec`` as a plain HF folder once (GGUF dequantization is slow) and return it; reused if present.
+
+    ``save_dtype`` (``auto``, ``float32``, ``bfloat16``, ``float16``): the dtype it is loaded and written in;
+    ``auto`` is the source's (:func:`shortened.io.source_dtype`: a bf16 hub model stays bf16, a quantized GGUF such
+    as SmolLM2's Q4_1 is dequantized to float32). Raises :class:`ShortenedError` for another ``save_dtype`` or a
+    model that cannot be read."""
+    from shortened.io import resolve_save_dtype, save_pretrained_as
+
     out = Path(out)
     if (out / "config.json").is_file():
         return out
     tmp = out.with_name(f".{out.name}.tmp")
-    model = load_model(spec, gguf_file=gguf_file, device="cpu", dtype="float32")
-    model.save_pretrained(tmp)
+    dtype = resolve_save_dtype(save_dtype, spec, gguf_file)
+    model = load_model(spec, gguf_file=gguf_file, device="cpu", dtype=str(dtype).removeprefix("torch."))
+    save_pretrained_as(model, tmp, dtype)
     load_tokenizer(spec, gguf_file=gguf_file).save_pretrained(tmp)
     tmp.rename(out)
     return out

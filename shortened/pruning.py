@@ -195,14 +195,20 @@ def prune(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_fi
 
 
 def save_pruned(result: PruneResult, out: str | Path, tokenizer: PreTrainedTokenizerBase | None = None, *,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Write model, tokenizer and ``pruning.json`` to a staging folder, then move it into place in one step.
+
+    ``dtype``: the dtype the weights are written in (None: as the model holds them; callers pass
+    :func:`shortened.io.resolve_save_dtype`, by default the source model's, so a bf16 model pruned in fp32 on a
+    CPU is saved in bf16). The model in memory — the one that was scored — is not changed. The dtype written is
+    recorded in ``pruning.json`` (and ``result.report``) as ``saved_dtype``.
 
     Before the move, the saved ``config.json`` is read back and rebuilt on the meta device; any difference from
     the pruned model (module classes, parameter names/shapes, construction-time values) raises
     :class:`ShortenedError` naming the first differing block, and nothing is left at ``out``.
     """
     model = result.model
+    result.report["saved_dtype"] = str(dtype or model.dtype).removeprefix("torch.")
 
     def verify(staging: Path) -> None:
         from transformers import AutoConfig
@@ -213,4 +219,4 @@ def save_pruned(result: PruneResult, out: str | Path, tokenizer: PreTrainedToken
                                suspects=layout_fields(saved))
 
     return save_model_dir(out, model, tokenizer, report_name=PRUNING_JSON, report=result.report,
-                          overwrite=overwrite, verify=verify)
+                          overwrite=overwrite, verify=verify, dtype=dtype)

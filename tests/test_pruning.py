@@ -146,3 +146,182 @@ def test_cli_refuses_unreadable_model_and_non_empty_output(tiny_llama_dir, tmp_p
                    "--out", full, "--overwrite") == 0
     assert (full / "pruning.json").is_file() and not (full / "keep.txt").exists()
     assert not (tmp_path / "o").exists()
+
+
+# --- the saved dtype ---------------------------------------------------------------------------------------------
+
+def _saved_dtypes(folder) -> dict[str, str]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            out.update({k: st.get_slice(k).get_dtype() for k in st.keys()})
+    return out
+
+
+@pytest.fixture()
+def bf16_source(tmp_path, smollm2_tokenizer):
+    """A tiny Llama stored in bf16 (config.json dtype bfloat16), tied embeddings, with a tokenizer."""
+    src = tmp_path / "bf16-src"
+    tiny_model("llama", vocab_size=len(smollm2_tokenizer), tie_word_embeddings=True).to(torch.bfloat16
+                                                                                       ).save_pretrained(src)
+    smollm2_tokenizer.save_pretrained(src)
+    assert json.loads((src / "config.json").read_text())["dtype"] == "bfloat16"
+    return src
+
+
+def test_pruned_checkpoint_is_saved_in_the_source_dtype_and_the_scored_model_is_untouched(bf16_source, tmp_path):
+    from shortened.io import resolve_save_dtype
+    from shortened.models import load_model
+
+    model = load_model(str(bf16_source), device="cpu", dtype="float32")  # as a CPU sweep holds it
+    result = prune(model, score_blocks(model, "magnitude", None, keep_first=1, keep_last=1), 2, keep_first=1,
+                   keep_last=1)
+    ids = random_tokens(2, 12)
+    with torch.no_grad():
+        before = model(ids).logits
+    dtype = resolve_save_dtype("auto", str(bf16_source))
+    assert dtype == torch.bfloat16
+    out = save_pruned(result, tmp_path / "out", dtype=dtype)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    saved = _saved_dtypes(out)
+    assert saved and set(saved.values()) == {"BF16"}
+    assert "lm_head.weight" not in saved  # tied weights stay one tensor
+    assert json.loads((out / "pruning.json").read_text())["saved_dtype"] == "bfloat16"
+    assert result.report["saved_dtype"] == "bfloat16"
+    # the model in memory, the one that was scored, is unchanged: fp32, same logits, its config still fp32
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and model.config.dtype in (torch.float32,
+                                                                                               "float32")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.dtype == torch.bfloat16 and reloaded.config.num_hidden_layers == LAYERS - 2
+    live = model.state_dict()
+    for k, v in reloaded.state_dict().items():
+        assert torch.equal(v, live[k].to(torch.bfloat16)), k
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_cli_prune_saves_the_source_dtype_unless_save_dtype_says_otherwise(bf16_source, tmp_path):
+    common = ["--criterion", "magnitude", "--blocks", 2, "--keep-first", 1, "--keep-last", 1, "--device", "cpu"]
+    assert run_cli("prune", "--model", bf16_source, *common, "--out", tmp_path / "auto") == 0
+    assert set(_saved_dtypes(tmp_path / "auto").values()) == {"BF16"}
+    assert json.loads((tmp_path / "auto" / "pruning.json").read_text())["saved_dtype"] == "bfloat16"
+    assert run_cli("prune", "--model", bf16_source, *common, "--save-dtype", "float32", "--out", tmp_path / "f32") == 0
+    assert json.loads((tmp_path / "f32" / "config.json").read_text())["dtype"] == "float32"
+    assert set(_saved_dtypes(tmp_path / "f32").values()) == {"F32"}
+    assert json.loads((tmp_path / "f32" / "pruning.json").read_text())["saved_dtype"] == "float32"
+    # both hold the same values: bf16 widened exactly
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / d).state_dict() for d in ("auto", "f32"))
+    assert all(torch.equal(a[k].float(), b[k]) for k in a)
+    assert run_cli("prune", "--model", bf16_source, *common, "--save-dtype", "int8", "--out", tmp_path / "x") == 2
+
+
+def test_resolve_save_dtype_reads_the_source(tmp_path, bf16_source, smollm2_hf_dir):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from shortened.errors import ShortenedError
+    from shortened.io import resolve_save_dtype, source_dtype
+
+    assert resolve_save_dtype("auto", str(bf16_source)) == torch.bfloat16
+    assert resolve_save_dtype("float16", str(bf16_source)) == torch.float16
+    assert resolve_save_dtype("float32") == torch.float32 and resolve_save_dtype("bfloat16") == torch.bfloat16
+    old = tmp_path / "old-config"  # transformers 4's key
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "float16"}))
+    assert source_dtype(str(old)) == torch.float16
+    silent = tmp_path / "no-dtype"
+    silent.mkdir()
+    (silent / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert source_dtype(str(silent)) is None
+    assert resolve_save_dtype("auto", str(silent)) == torch.float32  # nothing known: lossless
+    assert resolve_save_dtype("auto", str(silent), fallback=torch.bfloat16) == torch.bfloat16  # the training dtype
+    assert resolve_save_dtype("auto", str(bf16_source), fallback=torch.float32) == torch.bfloat16  # the source wins
+    assert resolve_save_dtype("auto", "smollm2") == torch.float32  # Q4_1 GGUF: dequantized to fp32
+    assert json.loads((smollm2_hf_dir / "config.json").read_text())["dtype"] == "float32"
+
+    def gguf(name, weight_type):
+        w = GGUFWriter(str(tmp_path / name), "llama")
+        w.add_tensor("blk.0.attn_q.weight", np.ones((4, 4), dtype=np.float16 if weight_type == "F16" else
+                                                     np.float32))
+        w.add_tensor("blk.0.attn_norm.weight", np.ones(4, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return str(tmp_path / name)
+
+    assert source_dtype(gguf("half.gguf", "F16")) == torch.float16
+    assert source_dtype(gguf("full.gguf", "F32")) == torch.float32
+    with pytest.raises(ShortenedError, match="choose one of auto, float32, bfloat16, float16"):
+        resolve_save_dtype("int8", str(bf16_source))
+
+
+def test_save_pretrained_as_keeps_fp32_modules_and_casts_in_place_only_when_asked(tmp_path):
+    from shortened.io import save_pretrained_as
+
+    model = tiny_model("llama")
+    model._keep_in_fp32_modules_strict = {"norm"}  # as MoE router biases are kept (transformers' own flag)
+    assert save_pretrained_as(model, tmp_path / "copy", torch.bfloat16) == "bfloat16"
+    saved = _saved_dtypes(tmp_path / "copy")
+    assert {v for k, v in saved.items() if "norm" in k} == {"F32"}
+    assert {v for k, v in saved.items() if "norm" not in k} == {"BF16"}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert save_pretrained_as(model, tmp_path / "inplace", torch.bfloat16, in_place=True) == "bfloat16"
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # the throwaway copy was cast
+    assert model.model.norm.weight.dtype == torch.float32
+    assert _saved_dtypes(tmp_path / "inplace") == saved
+    assert save_pretrained_as(model, tmp_path / "as-held") == "bfloat16"  # None: the dtype the model holds
+
+
+def test_retrained_export_is_saved_in_the_trained_models_dtype(bf16_source, tmp_path):
+    """LoRA on a bf16 model, trained in fp32 on this CPU: the export (merged in fp32) is written in bf16, the
+    model folder's dtype; ``save_dtype: float32`` keeps fp32. retraining.json records it."""
+    from shortened.data.config import DataConfig
+    from shortened.training.config import TrainConfig
+    from shortened.training.loop import Phase, run
+    from shortened.training.session import LocalSession
+
+    for save_dtype, want, stored in (("auto", "bfloat16", "BF16"), ("float32", "float32", "F32")):
+        c = TrainConfig(method="lora", train_tokens=64 * 2 * 2, micro_batch_size=2, data=DataConfig(seq_len=64),
+                        report_every_steps=2, save_dtype=save_dtype)
+        out = tmp_path / f"lora-{save_dtype}"
+        run(Phase(method="lora", model=str(bf16_source), out=str(out), tokens=c.train_tokens, train=c),
+            LocalSession(tmp_path / f"run-{save_dtype}"))
+        assert json.loads((out / "config.json").read_text())["dtype"] == want
+        assert set(_saved_dtypes(out).values()) == {stored}
+        assert json.loads((out / "retraining.json").read_text())["saved_dtype"] == want
+    assert TrainConfig(train_tokens=1).save_dtype == "auto"
+
+
+def test_sweep_prune_stage_and_retrain_take_the_configs_save_dtype(bf16_source, tmp_path):
+    from shortened.criteria import BlockScores
+    from shortened.sweep.config import SweepConfig
+    from shortened.sweep.trial import TrialSpec, prune_stage
+
+    base = dict(name="dt", model=str(bf16_source), criteria=["magnitude"], blocks=[2], keep_first=1, keep_last=1,
+                train={"train_tokens": 64}, storage_path=str(tmp_path / "runs"), device="cpu")
+    scores = tmp_path / "magnitude.json"
+    BlockScores("magnitude", [float(i) for i in range(LAYERS)]).save(scores)
+    spec = TrialSpec(method="none", criterion="magnitude", blocks=2).model_dump()
+    for save_dtype, stored in (("auto", "BF16"), ("float32", "F32")):
+        cfg = SweepConfig.model_validate({**base, "save_dtype": save_dtype})
+        report = prune_stage(cfg.model_dump(mode="json"), spec, str(scores), str(tmp_path / save_dtype))
+        assert set(_saved_dtypes(tmp_path / save_dtype).values()) == {stored}
+        assert report["saved_dtype"] == {"BF16": "bfloat16", "F32": "float32"}[stored]
+    assert SweepConfig.model_validate(base).save_dtype == "auto"
+    with pytest.raises(ValueError, match="set save_dtype at the top level"):
+        SweepConfig.model_validate({**base, "train": {"train_tokens": 64, "save_dtype": "float32"}})
+    with pytest.raises(ValueError, match="save_dtype"):
+        SweepConfig.model_validate({**base, "save_dtype": "int8"})
+
+
+def test_materialize_keeps_the_source_dtype(bf16_source, tmp_path):
+    from shortened.models import materialize
+
+    assert set(_saved_dtypes(materialize(str(bf16_source), tmp_path / "auto")).values()) == {"BF16"}
+    f32 = materialize(str(bf16_source), tmp_path / "f32", save_dtype="float32")
+    assert json.loads((f32 / "config.json").read_text())["dtype"] == "float32"
+    assert set(_saved_dtypes(f32).values()) == {"F32"}

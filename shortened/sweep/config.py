@@ -99,6 +99,8 @@ class SweepConfig(BaseModel):
     store_url: str | None = None  # default: sqlite:///<experiment folder>/results.db
     device: str = "auto"  # for the prune/evaluate tasks
     dtype: str = "auto"
+    # dtype of the pruned and the retrained checkpoints; auto: the source model's (its config.json dtype)
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # the dtype block scores are computed in (None: dtype); "float32" makes GPU and CPU sweeps score alike
     score_dtype: str | None = None
     # scoring, evaluation and speed; auto: flash_attention_2 on CUDA when installed, else sdpa (eager if unsupported)
@@ -173,6 +175,9 @@ class SweepConfig(BaseModel):
             raise ValueError(f"selection.metric {self.selection.metric!r} needs eval.tasks")
         if self.selection.max_latency_s is not None and not self.eval.speed:
             raise ValueError("selection.max_latency_s needs eval.speed: true")
+        if self.train.save_dtype != "auto":
+            raise ValueError(f"train.save_dtype {self.train.save_dtype!r}: in a sweep, set save_dtype at the top "
+                             "level (it applies to the pruned and the retrained checkpoints)")
         return self
 
     def experiment_dir(self) -> Path:

@@ -126,6 +126,7 @@ def compute_scores(cfg_json: dict, criterion: str, n_remove: int, out: str) -> s
 def prune_stage(cfg_json: dict, spec_json: dict, scores_file: str, out: str) -> dict:
     """Prune the original model with the saved scores and publish the HF folder; returns ``pruning.json``."""
     from shortened.criteria import BlockScores
+    from shortened.io import resolve_save_dtype
     from shortened.models import load_model, load_tokenizer
     from shortened.pruning import PRUNING_JSON, prune, resolve_block_count, save_pruned
 
@@ -139,7 +140,8 @@ def prune_stage(cfg_json: dict, spec_json: dict, scores_file: str, out: str) -> 
     _warn_scores_dtype(cfg, scores, scores_file)
     result = prune(model, scores, n, keep_first=cfg.keep_first, keep_last=cfg.keep_last,
                    ratio_requested=spec.ratio, model_name=cfg.model)
-    save_pruned(result, out, load_tokenizer(cfg.model, gguf_file=cfg.gguf_file), overwrite=True)
+    save_pruned(result, out, load_tokenizer(cfg.model, gguf_file=cfg.gguf_file), overwrite=True,
+                dtype=resolve_save_dtype(cfg.save_dtype, cfg.model, cfg.gguf_file))  # the source's by default
     return result.report
 
 
@@ -174,7 +176,9 @@ def evaluate_stage(cfg_json: dict, model: str, gguf_file: str | None, out: str) 
 
 
 def speed_stage(cfg_json: dict, model: str, out: str) -> dict:
-    """Generation speed of one pruned model against the dense one, alternating runs in one process."""
+    """Generation speed of one pruned model against the dense one, alternating runs in one process. Both sit on
+    one device, so the rows' memory is each model's own (weights + its generation's working memory, see
+    :mod:`shortened.evaluation.speed`), never the device's total."""
     from shortened.evaluation.speed import compare_speed
     from shortened.models import load_model, load_tokenizer
 
@@ -258,7 +262,8 @@ def _retrain(cfg: SweepConfig, spec: TrialSpec, pruned: str, out: str, worker_en
     final = Path(out) / "retraining.json"
     if not final.is_file():
         r = cfg.resources
-        retrain(pruned, out, cfg.train.model_copy(update={"method": spec.method}), scale=trial_scale(cfg),
+        retrain(pruned, out, cfg.train.model_copy(update={"method": spec.method, "save_dtype": cfg.save_dtype}),
+                scale=trial_scale(cfg),
                 storage_path=str(cfg.experiment_dir() / "train"), name=spec.key, max_failures=r.max_failures,
                 overwrite=True, worker_env=worker_env, workers_hint="resources.workers_per_trial:")
     record = json.loads(final.read_text())

@@ -59,6 +59,8 @@ class TrainConfig(BaseModel):
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory (DeepSpeed CPU Adam, JIT-built once)
     offload_params: bool = False  # ZeRO-3 parameters in CPU memory
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs, fp32 on CPU
+    # dtype of the exported checkpoint; auto: the trained (pruned) model's config.json dtype, else the training dtype
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     gradient_checkpointing: bool = False
     lora: LoraSettings = Field(default_factory=LoraSettings)
     distill: DistillSettings = Field(default_factory=DistillSettings)

@@ -382,7 +382,7 @@ def _checkpoint(engine, stream: PackedStream, session: Session, metrics: dict, h
 
 def export(engine, phase: Phase, rank: int, history: list[dict], world_size: int = 1) -> None:
     """One Hugging Face checkpoint on rank 0 (ZeRO-3 shards gathered; LoRA merged), pruning plan beside it."""
-    from shortened.io import publish_dir
+    from shortened.io import publish_dir, resolve_save_dtype, save_pretrained_as
     from shortened.models import load_tokenizer
 
     if engine.zero_optimization_partition_weights():
@@ -392,8 +392,10 @@ def export(engine, phase: Phase, rank: int, history: list[dict], world_size: int
     if rank != 0:
         return
     out = Path(phase.out)
-    model = build_model(phase)  # a fresh CPU copy, same structure, to load the trained weights into
-    missing, unexpected = model.load_state_dict({k: v.float().cpu() for k, v in state.items()}, strict=False)
+    model = build_model(phase)  # a fresh fp32 CPU copy, same structure, to load the trained weights into
+    trained_in = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    # (copying into the fp32 parameters upcasts exactly: no fp32 copy of the whole state is needed)
+    missing, unexpected = model.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
     if unexpected or missing:
         raise RuntimeError(f"exported state does not fit the model: missing {missing[:5]}, unexpected "
@@ -403,13 +405,16 @@ def export(engine, phase: Phase, rank: int, history: list[dict], world_size: int
         model = model.merge_and_unload()
     staging = out.parent / f".{out.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    # in the --model folder's dtype (a pruned bf16 model is exported in bf16), else the training dtype; LoRA is
+    # merged in fp32 above and cast once here, in place (the copy is thrown away)
+    saved = save_pretrained_as(model, staging, resolve_save_dtype(phase.train.save_dtype, phase.model,
+                                                                  fallback=trained_in), in_place=True)
     load_tokenizer(phase.model).save_pretrained(staging)
     plan = Path(phase.model) / "pruning.json"
     if plan.is_file():
         shutil.copy(plan, staging / "pruning.json")
-    (staging / "retraining.json").write_text(json.dumps(retraining_record(phase, history, world_size, targets),
-                                                        indent=2))
+    (staging / "retraining.json").write_text(json.dumps({**retraining_record(phase, history, world_size, targets),
+                                                         "saved_dtype": saved}, indent=2))
     publish_dir(staging, out)
 
 
