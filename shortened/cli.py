@@ -199,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--micro-batch-size", type=COUNT)
     rt.add_argument("--grad-accum", type=COUNT)
     rt.add_argument("--lr", type=POSITIVE)
-    rt.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
+    rt.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3],
+                    help="DeepSpeed ZeRO stage of full-parameter training (cpt, distill, the CPT phase of cpt+lora)")
+    rt.add_argument("--lora-zero-stage", type=int, choices=[0, 1, 2, 3],
+                    help="ZeRO stage of the LoRA phase (default 2: the frozen weights stay whole on each GPU)")
     rt.add_argument("--teacher", help="distill: the unpruned model (default: pruning.json's model)")
     rt.add_argument("--workers", type=COUNT, default=2, help="Ray Train workers")
     rt.add_argument("--use-gpu", action="store_true")
@@ -532,6 +535,9 @@ def train_config(args: argparse.Namespace):
     if args.seq_len is not None:  # 0 is refused by the config's range, not replaced by the default
         data["seq_len"] = args.seq_len
     fields["data"] = data
+    lora = fields.get("lora") or {}
+    if args.lora_zero_stage is not None and isinstance(lora, dict):  # (a non-mapping is refused by validation)
+        fields["lora"] = {**lora, "zero_stage": args.lora_zero_stage}
     return validated(TrainConfig, fields, f"retrain setting{f' ({args.config})' if args.config else ''}")
 
 

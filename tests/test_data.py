@@ -100,6 +100,45 @@ def test_packing_is_the_token_stream_cut_into_blocks(tmp_path, smollm2_tokenizer
     assert batch["input_ids"].shape == (4, 32) and torch.equal(batch["input_ids"][1], blocks[1]["input_ids"])
 
 
+def test_document_positions_restart_at_each_document_and_block(tmp_path, smollm2_tokenizer):
+    """``document_positions``: ``position_ids`` count from 0 at each document's first token and at each block's first
+    token; the token stream and the cursor are the plain packing's, and a resumed stream gives the same positions."""
+    texts = ["one", "two three four", "five six", "seven eight nine ten eleven twelve thirteen", "x y"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    cfg = DataConfig(source=str(tmp_path / "a"), seq_len=8, epochs=1, document_positions=True)
+    assert [len(encode({"text": t}, cfg, smollm2_tokenizer)[0]) for t in texts] == [2, 4, 3, 8, 3]  # EOS included
+    blocks = list(PackedStream(cfg, smollm2_tokenizer))
+    assert [b["position_ids"].tolist() for b in blocks] == [
+        [0, 1, 0, 1, 2, 3, 0, 1],  # documents 1, 2 and the start of 3
+        [0, 0, 1, 2, 3, 4, 5, 6],  # the end of 3 (restarted: the block's first token), then 4
+    ]
+    # a corpus of documents from 1 word to several blocks: the rule, the unchanged stream, resume
+    cfg = DataConfig(source=str(small_corpus(tmp_path / "b")), seq_len=32, epochs=1, document_positions=True)
+    plain = list(PackedStream(cfg.model_copy(update={"document_positions": False}), smollm2_tokenizer))
+    stream = PackedStream(cfg, smollm2_tokenizer)
+    blocks, states = [], []
+    for b in stream:
+        blocks.append(b)
+        states.append(stream.state_dict())
+    assert "position_ids" not in plain[0] and len(blocks) == len(plain) > 20
+    assert all(torch.equal(b["input_ids"], p["input_ids"]) and torch.equal(b["labels"], p["labels"])
+               for b, p in zip(blocks, plain))
+    within = []  # each token's position in its document, over the whole stream
+    for doc in DocumentStream(cfg):
+        within += range(len(encode(doc.record, cfg, smollm2_tokenizer)[0]))
+    for k, b in enumerate(blocks):
+        w = within[k * 32:(k + 1) * 32]
+        first = next((i for i in range(1, 32) if w[i] == 0), 32)  # the leading fragment restarts at 0
+        assert b["position_ids"].tolist() == [v - w[0] for v in w[:first]] + w[first:], k
+        assert b["position_ids"].dtype == torch.long
+    for k in (0, 5, len(blocks) - 2):
+        resumed = PackedStream(cfg, smollm2_tokenizer)
+        resumed.load_state_dict(states[k])
+        assert torch.equal(next(iter(resumed))["position_ids"], blocks[k + 1]["position_ids"])
+    assert take(iter(PackedStream(cfg, smollm2_tokenizer)), 3)["position_ids"].shape == (3, 32)
+
+
 # -- resume -------------------------------------------------------------------------------------------------------
 
 def test_cursor_resumes_exactly_after_every_block(tmp_path, smollm2_tokenizer):

@@ -56,6 +56,17 @@ class DataConfig(BaseModel):
     # a corrupt or truncated compressed frame, an empty shard or an undecodable .txt/.json file counts as one bad
     # line (what decoded before the damage is kept). Above this share of the lines read, stop with an error.
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    # Per-document position ids: each block also carries ``position_ids`` (LongTensor ``[seq_len]``) that restart
+    # at 0 where a document starts (the token after an EOS) and at the block's first token, and training passes
+    # them to the model. The token stream (``input_ids``, ``labels``) and the data cursor are the same either way.
+    # What the model does with them depends on its attention (transformers 5.x): with ``sdpa``, ``eager`` and
+    # ``flex_attention`` the mask is built from the position ids, so a token attends only to its own document;
+    # with ``flash_attention_2/3`` only a batch of one row is split into documents (varlen kernels), so training
+    # flattens each micro-batch into one row for them. Rotary positions restart per document in every case.
+    # Architectures whose attention mask is not built by transformers' masking utilities (older remote-code
+    # models) only get the restarted positions and still attend across documents. Default off: the paper packs
+    # without it, and an explicit mask is slower than the causal kernel under sdpa.
+    document_positions: bool = False
     storage_options: dict[str, Any] = Field(default_factory=dict)  # passed to fsspec (credentials, endpoint)
     hub_options: dict[str, Any] = Field(default_factory=dict)  # passed to datasets.load_dataset
 

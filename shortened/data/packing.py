@@ -30,7 +30,9 @@ class Cursor:
 
 
 class PackedStream(torch.utils.data.IterableDataset):
-    """Blocks ``{"input_ids", "labels"}`` (LongTensor ``[seq_len]``) of one rank's share of ``cfg``'s stream.
+    """Blocks ``{"input_ids", "labels"}`` (LongTensor ``[seq_len]``) of one rank's share of ``cfg``'s stream;
+    with ``cfg.document_positions`` also ``position_ids`` (LongTensor ``[seq_len]``: 0 at each document's first
+    token and at the block's first token, counting up by one within a document; see :func:`document_positions`).
 
     :meth:`state_dict` after taking a block from the iterator is the cursor that a new stream, given it with
     :meth:`load_state_dict`, continues from with exactly the next block. Iterate it in the process that saves
@@ -52,6 +54,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         seq = self.cfg.seq_len
         start = self.cursor
         carry_ids = carry_labels = np.empty(0, dtype=np.int64)
+        carry_starts = np.empty(0, dtype=np.int64)  # where documents start in the carry (indices into it)
         first = True
         for doc in self.docs.iter_from(start.position):
             ids, labels = encode(doc.record, self.cfg, self.tokenizer)
@@ -67,15 +70,21 @@ class PackedStream(torch.utils.data.IterableDataset):
             buf_ids = np.concatenate([carry_ids, np.asarray(ids[skip:], dtype=np.int64)])
             buf_labels = (buf_ids if labels is ids and not len(carry_labels) else
                           np.concatenate([carry_labels, np.asarray(labels[skip:], dtype=np.int64)]))
+            # a resumed document (skip > 0) continues one that started before the cursor: no start here
+            starts = carry_starts if skip else np.append(carry_starts, len(carry_ids))
             n = len(buf_ids) // seq
             for b in range(n):
                 block = slice(b * seq, (b + 1) * seq)
                 left = len(buf_ids) - (b + 1) * seq  # all from this document: the carry is shorter than a block
                 self.cursor = Cursor(doc.position, doc_len - left)
                 self.blocks += 1
-                yield {"input_ids": torch.from_numpy(buf_ids[block].copy()),
-                       "labels": torch.from_numpy(buf_labels[block].copy())}
+                item = {"input_ids": torch.from_numpy(buf_ids[block].copy()),
+                        "labels": torch.from_numpy(buf_labels[block].copy())}
+                if self.cfg.document_positions:
+                    item["position_ids"] = torch.from_numpy(document_positions(starts - b * seq, seq))
+                yield item
             carry_ids, carry_labels = buf_ids[n * seq:], buf_labels[n * seq:]
+            carry_starts = starts[starts >= n * seq] - n * seq
 
     # -- cursor -------------------------------------------------------------------------------------------------
 
@@ -103,6 +112,19 @@ class PackedStream(torch.utils.data.IterableDataset):
         pos = state["position"]
         self.cursor = Cursor(Position.from_dict(pos) if pos else None, int(state["offset"]))
         self.blocks = int(state["blocks"])
+
+
+def document_positions(starts: np.ndarray, seq_len: int) -> np.ndarray:
+    """Position ids ``[seq_len]`` (int64) of one block: ``starts`` are the indices (relative to the block; those
+    outside ``[0, seq_len)`` are ignored) where documents begin. Positions count 0, 1, 2, … from each start and
+    from the block's first token, which always restarts at 0 even mid-document: the earlier part of that document
+    lies in another block the model cannot attend to, and flash-attention's varlen split needs every segment of
+    the row (the first included) to begin at 0. Example: starts [3, 5], seq_len 7 -> [0, 1, 2, 0, 1, 0, 1]."""
+    mark = np.zeros(seq_len, dtype=bool)
+    mark[starts[(starts >= 0) & (starts < seq_len)]] = True
+    mark[0] = True
+    idx = np.arange(seq_len, dtype=np.int64)
+    return idx - np.maximum.accumulate(np.where(mark, idx, 0))
 
 
 def _where(p: Position) -> tuple:

@@ -29,6 +29,14 @@ class LoraSettings(BaseModel):
     target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
     lr: float = Field(1e-4, gt=0, le=1)  # LoRA's own learning rate (paper: 1e-4)
     train_tokens: int | None = Field(None, ge=1)  # for cpt+lora: the LoRA phase's budget (default: train_tokens)
+    # The LoRA phase's DeepSpeed ZeRO stage (``lora`` and the second phase of ``cpt+lora``; the full-parameter
+    # phases use TrainConfig.zero_stage). LoRA trains ~0.1-1% of the weights, so partitioning their gradients and
+    # optimizer state saves next to nothing, while ZeRO-3 would also partition the frozen base weights and
+    # all-gather every one of them in each forward and backward pass (for an 8B model ~16 GB moved per pass).
+    # Stage 2 keeps the frozen weights whole on each GPU (bf16: 2 bytes/parameter, 16 GB for 8B) with no per-step
+    # gather; it is the default rather than 0 because CPU optimizer offload (offload_optimizer) needs a stage >= 1
+    # and it costs no more than 0 here. Set 3 when the frozen model does not fit on one GPU.
+    zero_stage: Literal[0, 1, 2, 3] = 2
 
 
 class DistillSettings(BaseModel):
@@ -37,6 +45,22 @@ class DistillSettings(BaseModel):
     teacher: str | None = None  # the unpruned model; default: pruning.json's "model" beside the student
     weight: float = Field(1.0, ge=0, le=1e6)  # loss = CE + weight * T^2 * KL(teacher || student)
     temperature: float = Field(2.0, gt=0, le=1e3)
+    # Positions per chunk of the KL term: only one chunk of the student and teacher logits is upcast to fp32 at a
+    # time (forward and backward), so its extra memory is a few chunk_tokens x vocab x 4 bytes (1024 positions x
+    # 128k vocabulary: ~0.5 GB per fp32 copy) instead of several copies of both [batch, seq, vocab] tensors. The
+    # value is the same for any chunk size (up to fp32 summation order).
+    chunk_tokens: int = Field(1024, ge=1, le=1 << 24)
+
+
+PHASES: dict[str, tuple[str, ...]] = {"cpt": ("cpt",), "lora": ("lora",), "cpt+lora": ("cpt", "lora"),
+                                      "distill": ("distill",)}  # the phases (TorchTrainer runs) of each method
+STAGE_FIELD = {"cpt": "zero_stage", "distill": "zero_stage", "lora": "lora.zero_stage"}
+
+
+def phase_zero_stage(cfg: TrainConfig, phase_method: str) -> int:
+    """The ZeRO stage a phase runs with: ``lora.zero_stage`` for a LoRA phase, ``zero_stage`` for the
+    full-parameter ones (cpt, distill)."""
+    return cfg.lora.zero_stage if phase_method == "lora" else cfg.zero_stage
 
 
 class TrainConfig(BaseModel):
@@ -55,7 +79,11 @@ class TrainConfig(BaseModel):
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, gt=0)
+    # DeepSpeed ZeRO stage of the full-parameter phases (cpt, distill, and the CPT phase of cpt+lora); the LoRA
+    # phase uses lora.zero_stage (see :func:`phase_zero_stage`).
     zero_stage: Literal[0, 1, 2, 3] = 2
+    # Offload applies to the phases whose stage allows it, and is dropped (with a log line) for the others, e.g.
+    # a cpt+lora run offloads the CPT phase's ZeRO-3 parameters but not the LoRA phase's at stage 2.
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory (DeepSpeed CPU Adam, JIT-built once)
     offload_params: bool = False  # ZeRO-3 parameters in CPU memory
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs, fp32 on CPU
@@ -67,15 +95,24 @@ class TrainConfig(BaseModel):
     report_every_steps: int = Field(10, ge=1)  # each report is a barrier across workers
     checkpoint_every_tokens: int | None = Field(None, ge=1)  # None: only at the end
     keep_checkpoints: int = Field(2, ge=1)
+    # Local folder where each worker writes its DeepSpeed shards before the session (Ray Train, LocalSession)
+    # takes them to storage; None: the system temporary folder (tempfile.gettempdir(), honouring $TMPDIR), often a
+    # small container /tmp. A ZeRO checkpoint holds 12 bytes of fp32 master weights and Adam state per trainable
+    # parameter (a CPT of 6.7B parameters at ZeRO-3 with 8 GPUs on a node: ~80 GB on that node), so point this at a
+    # large local disk. Free space is checked before every checkpoint (loop.check_staging_space).
+    checkpoint_staging_dir: str | None = None
     seed: int = Field(0, ge=0, lt=2**63)
     token_log: bool = False  # audit: each rank logs a hash of every micro-batch it trains on
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.offload_params and self.zero_stage != 3:
-            raise ValueError(f"offload_params needs zero_stage 3, got {self.zero_stage}")
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("offload_optimizer needs a ZeRO stage of 1, 2 or 3")
+        # offload that no phase of this method can use is an error (a phase that cannot use it drops it)
+        stages = {m: phase_zero_stage(self, m) for m in PHASES[self.method]}
+        where = ", ".join(f"{STAGE_FIELD[m]} {s} ({m})" for m, s in stages.items())
+        if self.offload_params and 3 not in stages.values():
+            raise ValueError(f"offload_params needs zero_stage 3 in a phase, got {where}")
+        if self.offload_optimizer and not any(stages.values()):
+            raise ValueError(f"offload_optimizer needs a ZeRO stage of 1, 2 or 3 in a phase, got {where}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must each be in [0, 1), got {list(self.betas)}")
         return self

@@ -1,10 +1,14 @@
-"""The DeepSpeed config of a :class:`TrainConfig`: ZeRO stage, offload, precision, batch sizes, clipping."""
+"""The DeepSpeed config of a :class:`TrainConfig`'s phase: ZeRO stage, offload, precision, batch sizes, clipping."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from shortened.training.config import TrainConfig
+from shortened.training.config import TrainConfig, phase_zero_stage
+
+log = logging.getLogger(__name__)
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
@@ -16,13 +20,35 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     return "fp32"
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str) -> dict:
-    zero: dict = {"stage": cfg.zero_stage}
-    if cfg.offload_optimizer:
+def phase_offload(cfg: TrainConfig, method: str) -> dict[str, bool]:
+    """Which of the configured offloads the phase ``method`` uses: parameter offload needs ZeRO-3 and optimizer
+    offload a stage >= 1; one the phase's stage cannot use is dropped with a log line (e.g. the LoRA phase of a
+    cpt+lora run at lora.zero_stage 2, after a CPT phase at ZeRO-3 with offload_params)."""
+    stage = phase_zero_stage(cfg, method)
+    params = cfg.offload_params and stage == 3
+    optimizer = cfg.offload_optimizer and stage >= 1
+    for name, asked, used, needs in (("offload_params", cfg.offload_params, params, "ZeRO-3"),
+                                     ("offload_optimizer", cfg.offload_optimizer, optimizer, "a ZeRO stage >= 1")):
+        if asked and not used:
+            log.warning("%s is not used by the %s phase: it runs ZeRO stage %d and %s needs %s", name, method, stage,
+                        name, needs)
+    return {"params": params, "optimizer": optimizer}
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str, method: str | None = None) -> dict:
+    """The DeepSpeed config of one phase: ``method`` is the phase's (cpt, lora or distill; default: the config's
+    method, which must then not be cpt+lora), whose ZeRO stage is :func:`phase_zero_stage`."""
+    method = method or cfg.method
+    if method not in ("cpt", "lora", "distill"):
+        raise ValueError(f"deepspeed_config is per phase (cpt, lora or distill), got {method!r}")
+    stage = phase_zero_stage(cfg, method)
+    offload = phase_offload(cfg, method)
+    zero: dict = {"stage": stage}
+    if offload["optimizer"]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if cfg.offload_params:
+    if offload["params"]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    if cfg.zero_stage == 3:
+    if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     ds = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
@@ -37,7 +63,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str) -> dict:
         ds["bf16"] = {"enabled": True}
     elif precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
-    if cfg.offload_optimizer:  # DeepSpeed's CPU Adam: a client torch optimizer cannot be offloaded
+    if offload["optimizer"]:  # DeepSpeed's CPU Adam: a client torch optimizer cannot be offloaded
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "betas": list(cfg.betas),
                                                         "weight_decay": cfg.weight_decay}}
     return ds

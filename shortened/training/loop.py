@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,8 @@ from pydantic import BaseModel, ConfigDict
 
 from shortened.cluster import node_id
 from shortened.data import PackedStream, take
+from shortened.data.formats import IGNORE_INDEX
+from shortened.errors import ShortenedError
 from shortened.training.config import TrainConfig
 from shortened.training.deepspeed_config import deepspeed_config, resolve_precision
 from shortened.training.session import RaySession, Session
@@ -207,14 +210,115 @@ def with_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     return peft_model
 
 
+class _ChunkedKL(torch.autograd.Function):
+    """``T² / n · Σ_rows KL(softmax(t/T) ‖ softmax(s/T))`` over the rows ``rows`` (n of them) of ``s`` and ``t``
+    (``[N, V]``, any float dtype), computed ``chunk`` rows at a time in fp32, forward and backward.
+
+    Autograd through the plain expression would keep the fp32 log-softmaxes of every row for the backward pass;
+    here only the inputs are kept and the gradient is recomputed per chunk: d/ds = T/n · (softmax(s/T) −
+    softmax(t/T)), written into a gradient of ``s``'s dtype. The teacher ``t`` is a constant (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, t: torch.Tensor, rows: torch.Tensor, temperature: float,
+                chunk: int) -> torch.Tensor:
+        total = s.new_zeros((), dtype=torch.float32)
+        for i in range(0, rows.numel(), chunk):
+            idx = rows[i:i + chunk]
+            log_s = torch.log_softmax(s.index_select(0, idx).float().div_(temperature), -1)
+            log_t = torch.log_softmax(t.index_select(0, idx).float().div_(temperature), -1)
+            log_s.neg_().add_(log_t)  # log p_t − log p_s
+            total += torch.dot(log_t.exp_().view(-1), log_s.view(-1))  # Σ p_t (log p_t − log p_s)
+            del log_s, log_t
+        ctx.save_for_backward(s, t, rows)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return total * (temperature**2 / max(rows.numel(), 1))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        s, t, rows = ctx.saved_tensors
+        grad = torch.zeros_like(s)
+        scale = grad_out * (ctx.temperature / max(rows.numel(), 1))
+        for i in range(0, rows.numel(), ctx.chunk):
+            idx = rows[i:i + ctx.chunk]
+            p_s = torch.softmax(s.index_select(0, idx).float().div_(ctx.temperature), -1)
+            p_t = torch.softmax(t.index_select(0, idx).float().div_(ctx.temperature), -1)
+            grad.index_copy_(0, idx, p_s.sub_(p_t).mul_(scale).to(grad.dtype))
+            del p_s, p_t
+        return grad, None, None, None, None
+
+
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                 temperature: float) -> torch.Tensor:
-    """T² · KL(teacher ‖ student) over the predicted positions (labels != -100), mean per token."""
-    mask = labels[:, 1:] != -100
-    s = student_logits[:, :-1][mask].float() / temperature
-    t = teacher_logits[:, :-1][mask].float() / temperature
-    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
-    return kl * temperature**2
+                 temperature: float, chunk_tokens: int = 1024) -> torch.Tensor:
+    """T² · KL(teacher ‖ student) over the predicted positions (position i predicts ``labels[:, i + 1]``, counted
+    where that label is not -100), mean per predicted position; 0 when there is none.
+
+    ``student_logits`` and ``teacher_logits`` are ``[batch, seq, vocab]`` (any float dtype; the teacher's carry no
+    gradient), ``labels`` ``[batch, seq]``. The KL is taken ``chunk_tokens`` positions at a time, each chunk
+    upcast to fp32 on its own, so a 128k vocabulary never has a full-size fp32 copy of either tensor: the extra
+    memory is a few ``chunk_tokens × vocab × 4`` bytes, forward and backward. Same value for every chunk size."""
+    vocab = student_logits.shape[-1]
+    valid = torch.zeros_like(labels, dtype=torch.bool)
+    valid[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    rows = valid.reshape(-1).nonzero().squeeze(1)
+    return _ChunkedKL.apply(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab), rows,
+                            float(temperature), int(chunk_tokens))
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, flatten: bool = False) -> dict:
+    """The micro-batch (``[micro_batch, seq_len]`` CPU tensors from :func:`take`) as the model's keyword arguments
+    on ``device``: ``input_ids``, ``labels`` and, when the data carries them, per-document ``position_ids``.
+
+    ``flatten`` (with position ids and more than one row): the rows are joined into one ``[1, micro_batch ×
+    seq_len]`` row, because flash-attention splits a row into documents by its position ids only when the batch
+    has one row. Each row's positions start at 0, so rows stay separate; each row's first label is set to -100 so
+    the loss has the same targets as the unflattened batch (a row's last token does not predict the next row)."""
+    ids, labels, pos = batch["input_ids"], batch["labels"], batch.get("position_ids")
+    if flatten and pos is not None and ids.shape[0] > 1:
+        labels = labels.clone()
+        labels[:, 0] = IGNORE_INDEX  # never a target within its row (the model shifts labels left by one)
+        ids, labels, pos = ids.reshape(1, -1), labels.reshape(1, -1), pos.reshape(1, -1)
+    inputs = {"input_ids": ids.to(device, non_blocking=True), "labels": labels.to(device, non_blocking=True)}
+    if pos is not None:
+        inputs["position_ids"] = pos.to(device, non_blocking=True)
+    return inputs
+
+
+def _varlen_attention(*models) -> bool:
+    """Whether any of the models runs a flash-attention implementation, which separates documents only within a
+    one-row batch (transformers' sdpa, eager and flex build a per-document mask from position ids per row)."""
+    return any("flash" in str(getattr(getattr(m, "config", None), "_attn_implementation", "") or "")
+               for m in models if m is not None)
+
+
+def checkpoint_bytes(n_params: int, n_trainable: int, *, zero_stage: int, world_size: int, precision: str,
+                     local_ranks: int = 1, has_rank0: bool = True) -> int:
+    """Estimated bytes that ``local_ranks`` ranks on one node write for one DeepSpeed checkpoint (the staging
+    folder must hold them all: they share the node's disk). ``n_params`` counts every parameter, ``n_trainable``
+    those with gradients (LoRA: the adapters).
+
+    DeepSpeed 0.19's layout (file sizes measured on a small model agree to within pickle overhead):
+
+    - optimizer state per trainable parameter: 12 bytes (fp32 master copy + Adam's two fp32 moments); 8 without
+      ZeRO in fp32 training, where the weights are the master copy;
+    - weights in the training dtype (2 bytes in bf16/fp16, 4 in fp32);
+    - ZeRO-3: each rank writes ``1/world_size`` of the optimizer state and of the frozen weights (the trainable
+      weights are the fp32 master copy, no 16-bit copy is written);
+    - ZeRO-1/2: each rank writes ``1/world_size`` of the optimizer state; rank 0 writes all the weights;
+    - ZeRO-0: rank 0 writes everything.
+
+    ``has_rank0``: whether this node hosts global rank 0 (ranks are numbered node by node). Example: a CPT of 6.7B
+    parameters, ZeRO-3, bf16, the 8 ranks of a node: 6.7e9 × 12 ≈ 80 GB on that node. Metadata (headers, data
+    cursors, trainer state) is small: the caller adds a margin."""
+    weight = 2 if precision in ("bf16", "fp16") else 4
+    optimizer = n_trainable * (8 if zero_stage == 0 and weight == 4 else 12)
+    frozen = (n_params - n_trainable) * weight
+    if zero_stage == 3:
+        per_rank, rank0 = (optimizer + frozen) / world_size, 0
+    elif zero_stage >= 1:
+        per_rank, rank0 = optimizer / world_size, n_params * weight
+    else:
+        per_rank, rank0 = 0, n_params * weight + optimizer
+    return int(per_rank * local_ranks + (rank0 if has_rank0 else 0))
 
 
 def _skip_shm_comm_build() -> None:
@@ -237,6 +341,8 @@ def run(phase: Phase, session: Session) -> dict:
     cfg = phase.train
     rank, world = session.rank, session.world_size
     device = session.device
+    if device.type == "cuda":  # NCCL collectives (ours, DeepSpeed's, the barriers) run on the current device
+        torch.cuda.set_device(device)
     precision = resolve_precision(cfg, device)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(phase.model)
@@ -250,15 +356,25 @@ def run(phase: Phase, session: Session) -> dict:
     warmup = int(cfg.warmup_ratio * steps_total)
     lr = cfg.lora.lr if phase.method == "lora" else cfg.lr
     groups = param_groups(model, cfg.weight_decay)
-    ds_cfg = deepspeed_config(cfg, world, precision)
+    ds_cfg = deepspeed_config(cfg, world, precision, phase.method)
+    zero_stage = ds_cfg["zero_optimization"]["stage"]
+    zero = {"zero_stage": zero_stage, "offload_optimizer": "offload_optimizer" in ds_cfg["zero_optimization"],
+            "offload_params": "offload_param" in ds_cfg["zero_optimization"]}
     if "optimizer" in ds_cfg:
         ds_cfg["optimizer"]["params"]["lr"] = lr
         optimizer = None
     else:
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.betas)
+    # DeepSpeed puts the model on cuda:LOCAL_RANK unless told the device: name the session's (Ray Train assigns
+    # each worker its GPU, which need not be its local rank's), so the model, the batches and the collectives meet
+    ds_args = SimpleNamespace(device_rank=device.index) if device.type == "cuda" and device.index is not None \
+        else None
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None, config=ds_cfg,
-        lr_scheduler=lambda opt: cosine_with_warmup(opt, steps_total, warmup, cfg.min_lr_ratio))
+        args=ds_args, model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
+        config=ds_cfg, lr_scheduler=lambda opt: cosine_with_warmup(opt, steps_total, warmup, cfg.min_lr_ratio))
+    if engine.device.type != device.type or (device.type == "cuda" and engine.device.index != device.index):
+        raise ShortenedError(f"DeepSpeed placed the model on {engine.device}, the session's device is {device}")
+    log.info("rank %d: %s phase, ZeRO stage %d, %s, on %s", rank, phase.method, zero_stage, precision, device)
 
     stream = PackedStream(cfg.data, tokenizer, rank=rank, world_size=world)
     step, history = 0, []
@@ -272,50 +388,64 @@ def run(phase: Phase, session: Session) -> dict:
     tokens_per_step = cfg.tokens_per_step(world)
     ckpt_every = cfg.checkpoint_every_tokens
     token_log = Path(phase.out).parent / f".{Path(phase.out).name}.tokens" if cfg.token_log else None
+    staging = Path(cfg.checkpoint_staging_dir or tempfile.gettempdir()).expanduser()
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # ZeRO-3: whole size
+    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters() if p.requires_grad)
+    staging_need = checkpoint_bytes(n_params, n_trainable, zero_stage=zero_stage, world_size=world,
+                                    precision=precision, local_ranks=session.local_world_size,
+                                    has_rank0=rank == session.local_rank)
+    flatten = cfg.data.document_positions and cfg.micro_batch_size > 1 and _varlen_attention(model, teacher)
     it = iter(stream)
     engine.train()
-    window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
+    # [sum of micro-batch losses, micro-batches] since the last report, on the device: no sync per micro-batch,
+    # and the all-reduce (NCCL on GPUs) gets a tensor on its device
+    window = torch.zeros(2, dtype=torch.float64, device=device)
+    window_start = time.perf_counter()
     metrics: dict = {}
     while step < steps_total:
         for micro in range(cfg.grad_accum):
             batch = take(it, cfg.micro_batch_size)
-            ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
             if token_log is not None:
-                _log_tokens(token_log, rank, step, micro, ids)
-            out = engine(input_ids=ids, labels=labels, use_cache=False)
+                _log_tokens(token_log, rank, step, micro, batch["input_ids"])
+            inputs = model_inputs(batch, device, flatten)
+            out = engine(**inputs, use_cache=False)
             loss = out.loss
             if teacher is not None:
                 with torch.no_grad():
-                    t_logits = teacher(input_ids=ids, use_cache=False).logits
-                loss = loss + cfg.distill.weight * distill_loss(out.logits, t_logits, labels, cfg.distill.temperature)
+                    t_logits = teacher(input_ids=inputs["input_ids"], position_ids=inputs.get("position_ids"),
+                                       use_cache=False).logits
+                loss = loss + cfg.distill.weight * distill_loss(out.logits, t_logits, inputs["labels"],
+                                                                cfg.distill.temperature, cfg.distill.chunk_tokens)
+                del t_logits
             engine.backward(loss)
             engine.step()
-            window_loss += loss.item()
-            window_n += 1
+            window[0] += loss.detach().double()
+            window[1] += 1
         step += 1
         tokens = step * tokens_per_step
         save = step == steps_total or (ckpt_every is not None and tokens // ckpt_every
                                        > (tokens - tokens_per_step) // ckpt_every)
         if step % cfg.report_every_steps == 0 or save:
-            mean = torch.tensor([window_loss, window_n], dtype=torch.float64)
-            torch.distributed.all_reduce(mean)
+            torch.distributed.all_reduce(window)
+            loss_sum, n = window.tolist()
             seconds = time.perf_counter() - window_start
-            metrics = {"step": step, "steps_total": steps_total, "loss": mean[0].item() / mean[1].item(),
+            metrics = {"step": step, "steps_total": steps_total, "loss": loss_sum / n,
                        "lr": scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_s":
-                       mean[1].item() / cfg.grad_accum / world * tokens_per_step / max(seconds, 1e-9),
+                       n / cfg.grad_accum / world * tokens_per_step / max(seconds, 1e-9),
                        "epoch": stream.cursor.position.epoch if stream.cursor.position else 0,
                        "phase": phase.method}
             history.append(metrics)
             if save:
-                _checkpoint(engine, stream, session, metrics, history, rank)
+                _checkpoint(engine, stream, session, metrics, history, rank, staging, staging_need)
             else:
                 session.report(metrics)
             if rank == 0:
                 log.info("step %d/%d loss %.4f lr %.2e tokens %d (%.0f tok/s)", step, steps_total, metrics["loss"],
                          metrics["lr"], tokens, metrics["tokens_per_s"])
-            window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
+            window.zero_()
+            window_start = time.perf_counter()
         _maybe_fail(rank, step)
-    export(engine, phase, rank, history, world)
+    export(engine, phase, rank, history, world, zero)
     return history[-1] if history else {}
 
 
@@ -366,10 +496,42 @@ def trained_tokens(out: str | Path, world_size: int) -> dict[int, dict[tuple[int
     return result
 
 
+# Slack over checkpoint_bytes: file headers, pickled metadata, the cursors, the trainer state
+_STAGING_MARGIN, _STAGING_SLACK = 1.05, 256 << 20
+
+
+def check_staging_space(folder: Path, need: int, session: Session) -> None:
+    """Before a checkpoint is written: ``folder`` (the staging folder) must exist or be creatable and have room
+    for ``need`` bytes (this node's share, :func:`checkpoint_bytes`) plus 5% and 256 MiB. Every rank learns the
+    outcome through one all-reduce (on the session's device), so all raise together before anything is written
+    instead of some ranks waiting in DeepSpeed's save for the one that failed. Raises :class:`ShortenedError`."""
+    problem = None
+    want = int(need * _STAGING_MARGIN) + _STAGING_SLACK
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if free < want:
+            problem = (f"checkpoint staging folder {folder} has {free / 1e9:.1f} GB free, but this node's ranks "
+                       f"need about {want / 1e9:.1f} GB to stage a checkpoint; set train.checkpoint_staging_dir to "
+                       "a folder on a larger local disk (or free space there)")
+    except OSError as exc:
+        problem = f"checkpoint staging folder {folder} is not usable: {exc}"
+    ok = torch.tensor([0.0 if problem else 1.0], dtype=torch.float32, device=session.device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    if problem:
+        raise ShortenedError(problem)
+    if ok.item() < 1:
+        raise ShortenedError("another worker's checkpoint staging folder is short of space or unusable (its own "
+                             "error names the folder and the sizes); set train.checkpoint_staging_dir")
+
+
 def _checkpoint(engine, stream: PackedStream, session: Session, metrics: dict, history: list[dict],
-                rank: int) -> None:
-    """Every rank writes its DeepSpeed shards and data cursor to a local folder; the session merges them."""
-    tmp = tempfile.mkdtemp(prefix="shortened-ckpt-")
+                rank: int, staging: Path, need: int) -> None:
+    """Every rank writes its DeepSpeed shards and data cursor to a folder under ``staging`` (after checking the
+    space: :func:`check_staging_space`); the session takes them to storage (merging the ranks' files)."""
+    check_staging_space(staging, need, session)
+    tmp = tempfile.mkdtemp(prefix="shortened-ckpt-", dir=staging)
     try:
         engine.save_checkpoint(tmp, tag=CKPT_TAG)
         (Path(tmp) / f"data_cursor_rank{rank}.json").write_text(json.dumps(stream.state_dict()))
@@ -380,8 +542,10 @@ def _checkpoint(engine, stream: PackedStream, session: Session, metrics: dict, h
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export(engine, phase: Phase, rank: int, history: list[dict], world_size: int = 1) -> None:
-    """One Hugging Face checkpoint on rank 0 (ZeRO-3 shards gathered; LoRA merged), pruning plan beside it."""
+def export(engine, phase: Phase, rank: int, history: list[dict], world_size: int = 1,
+           zero: dict | None = None) -> None:
+    """One Hugging Face checkpoint on rank 0 (ZeRO-3 shards gathered; LoRA merged), pruning plan beside it;
+    ``zero`` (the ZeRO stage and offloads the phase ran with) goes into ``retraining.json``."""
     from shortened.io import publish_dir, resolve_save_dtype, save_pretrained_as
     from shortened.models import load_tokenizer
 
@@ -413,18 +577,20 @@ def export(engine, phase: Phase, rank: int, history: list[dict], world_size: int
     plan = Path(phase.model) / "pruning.json"
     if plan.is_file():
         shutil.copy(plan, staging / "pruning.json")
-    (staging / "retraining.json").write_text(json.dumps({**retraining_record(phase, history, world_size, targets),
-                                                         "saved_dtype": saved}, indent=2))
+    (staging / "retraining.json").write_text(json.dumps({**retraining_record(phase, history, world_size, targets,
+                                                                             zero), "saved_dtype": saved}, indent=2))
     publish_dir(staging, out)
 
 
-def retraining_record(phase: Phase, history: list[dict], world_size: int, lora_targets: dict | None = None) -> dict:
-    """``retraining.json``: what this phase actually ran (tokens requested and trained, workers, the LoRA modules
-    resolved for this architecture), and every phase of the run (``cpt+lora``: the CPT phase first)."""
+def retraining_record(phase: Phase, history: list[dict], world_size: int, lora_targets: dict | None = None,
+                      zero: dict | None = None) -> dict:
+    """``retraining.json``: what this phase actually ran (tokens requested and trained, workers, the ZeRO stage and
+    offloads it ran with, the LoRA modules resolved for this architecture), and every phase of the run
+    (``cpt+lora``: the CPT phase first). ``zero``: ``{"zero_stage", "offload_optimizer", "offload_params"}``."""
     trained = int(history[-1]["tokens"]) if history else 0
     this = {"method": phase.method, "run": phase.run, "base_model": phase.model, "teacher": phase.teacher,
             "tokens_requested": phase.tokens, "tokens_trained": trained, "world_size": world_size,
-            "steps": int(history[-1]["step"]) if history else 0}
+            "steps": int(history[-1]["step"]) if history else 0, **(zero or {})}
     lora = lora_targets if phase.method == "lora" else None
     if lora is not None:
         this["lora_targets"] = lora
@@ -435,6 +601,7 @@ def retraining_record(phase: Phase, history: list[dict], world_size: int, lora_t
             phases += json.loads(earlier.read_text()).get("phases", [])
     phases.append(this)
     return {"method": phase.method, "base_model": phase.model, "tokens": phase.tokens, "tokens_trained": trained,
-            "world_size": world_size, "teacher": phase.teacher, "lora_targets": lora, "phases": phases,
+            "world_size": world_size, "teacher": phase.teacher, "lora_targets": lora,
+            "zero_stage": (zero or {}).get("zero_stage"), "phases": phases,
             "tokens_trained_total": sum(p["tokens_trained"] for p in phases),
             "config": phase.train.model_dump(mode="json"), "history": history}

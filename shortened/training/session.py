@@ -18,12 +18,18 @@ log = logging.getLogger(__name__)
 
 
 class Session:
+    """``rank`` and ``world_size`` across all workers; ``local_rank`` and ``local_world_size`` on this node (ranks are
+    numbered node by node: the node hosting rank 0 has ranks ``0 … local_world_size − 1``)."""
+
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int = 1
 
     @property
     def device(self) -> torch.device:
+        """Where this rank's model, batches and every tensor handed to a collective live (NCCL takes GPU tensors
+        only, gloo CPU ones)."""
         if torch.cuda.is_available():
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
@@ -44,6 +50,7 @@ class RaySession(Session):
         ctx = ray.train.get_context()
         self.rank, self.world_size, self.local_rank = (ctx.get_world_rank(), ctx.get_world_size(),
                                                        ctx.get_local_rank())
+        self.local_world_size = ctx.get_local_world_size()
 
     @property
     def device(self) -> torch.device:
@@ -77,6 +84,7 @@ class LocalSession(Session):
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))  # torchrun sets it
         self.run_dir, self.keep = Path(run_dir), keep
         self.run_dir.mkdir(parents=True, exist_ok=True)
         existing = self._checkpoints()
@@ -99,8 +107,7 @@ class LocalSession(Session):
             dest = self.run_dir / "checkpoints" / f"{self.next_index:06d}"
             self.next_index += 1
             shutil.copytree(checkpoint_dir, dest, dirs_exist_ok=True)  # ranks merge into one folder
-            if torch.distributed.is_initialized():
-                torch.distributed.barrier()
+            barrier(self.device)
             if self.rank == 0:
                 for old in self._checkpoints()[:-self.keep]:
                     shutil.rmtree(old)
@@ -109,6 +116,19 @@ class LocalSession(Session):
     def restore(self) -> Iterator[str | None]:
         existing = self._checkpoints()
         yield str(existing[-1]) if existing else None
+
+
+def barrier(device: torch.device) -> None:
+    """``torch.distributed.barrier`` (when a process group is up) on ``device``. NCCL's barrier is an all-reduce of
+    a one-element tensor on a GPU: without ``device_ids`` it uses the current device or guesses one from the rank,
+    with a warning, and hangs if the guess is another process's GPU. Gloo (CPU) takes no device."""
+    if not torch.distributed.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.distributed.barrier(device_ids=[device.index if device.index is not None
+                                              else torch.cuda.current_device()])
+    else:
+        torch.distributed.barrier()
 
 
 def _free_port() -> int:
