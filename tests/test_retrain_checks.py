@@ -281,3 +281,18 @@ def test_model_folder_needs_weights_and_tokenizer(tmp_path, tiny_llama_dir):
         retrain(str(no_tok), str(tmp_path / "o"), cfg(), storage_path=str(tmp_path / "s"), name="x")
     assert_no_ray()
     assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
+
+
+def test_record_from_before_a_field_existed_compares_it_at_its_default(tmp_path, two_models):
+    """A run checkpointed by an older release (its record lacks fields added since) resumes when the new fields
+    are at their defaults, and is refused, naming the field, when one is set otherwise."""
+    a, _ = two_models
+    old = run_records(phases_for(str(a), "o", cfg(method="lora"), str(tmp_path / "ray"), "h"),
+                      ScaleConfig(num_workers=1))[0]
+    del old["train"]["lora"]["zero_stage"], old["train"]["data"]["document_positions"]
+    new = run_records(phases_for(str(a), "o", cfg(method="lora"), str(tmp_path / "ray"), "h"),
+                      ScaleConfig(num_workers=1))[0]
+    assert identity.differences(old, new) == []
+    changed = run_records(phases_for(str(a), "o", cfg(method="lora", lora={"zero_stage": 0}),
+                                     str(tmp_path / "ray"), "h"), ScaleConfig(num_workers=1))[0]
+    assert identity.differences(old, changed) == ["train.lora.zero_stage (was 2, now 0)"]

@@ -61,10 +61,23 @@ def _compared(record: dict) -> dict:
     method = record.get("method")
     unused = {"lora"} if method != "lora" else set()  # a phase's method uses only its own settings
     unused |= {"distill"} if method != "distill" else set()
-    train = {k: v for k, v in record.get("train", {}).items() if k not in OPERATIONAL | unused}
+    train = {k: v for k, v in _with_defaults(record.get("train", {})).items() if k not in OPERATIONAL | unused}
     return {"model_fingerprint": record.get("model_fingerprint"), "method": record.get("method"),
             "teacher": record.get("teacher_fingerprint") or record.get("teacher"), "tokens": record.get("tokens"),
             "train": train}
+
+
+def _with_defaults(train: dict) -> dict:
+    """A recorded training config with the fields added since it was written at their defaults (which is what that
+    run trained with), so a newer release can resume it; a record that no longer validates is compared as it is."""
+    from pydantic import ValidationError
+
+    from shortened.training.config import TrainConfig
+
+    try:
+        return TrainConfig.model_validate(train).model_dump(mode="json")
+    except (ValidationError, ValueError):
+        return train
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
