@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer_arg(pw, "needed for --score activation")
     pw.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     pw.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    pw.add_argument("--save-dtype", default="auto", choices=io.SAVE_DTYPES, help=SAVE_DTYPE_HELP)
     pw.set_defaults(func=cmd_prune_width)
 
     rt = sub.add_parser("retrain", help="heal a pruned model: CPT, LoRA, CPT+LoRA or distillation on Ray Train "
@@ -217,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--save-dtype", choices=io.SAVE_DTYPES,
                     help="dtype of the exported weights: auto (default; the --model folder's config.json dtype, else "
                          "the training dtype), float32, bfloat16, float16")
+    rt.add_argument("--attn-implementation",
+                    help="attention kernel for training: auto (default; flash_attention_2 on CUDA in bf16/fp16 when "
+                         "flash-attn is installed, else sdpa), sdpa, eager, flash_attention_2, ...")
     rt.add_argument("--overwrite", action="store_true")
     rt.set_defaults(func=cmd_retrain)
 
@@ -504,7 +508,7 @@ def cmd_prune_width(args: argparse.Namespace) -> int:
         calibration = calibration_windows(tokenizer, calib_cfg)
     prune_width(model, plan, width_scores(model, args.score, calibration))
     out = save_width_pruned(model, plan, args.out, tokenizer, source=args.model, params_before=before,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, dtype=io.resolve_save_dtype(args.save_dtype, _source(args)))
     after = count_params(model)
     print(json.dumps({"out": str(out), "groups_removed": plan.groups, "channels_removed": plan.channels,
                       "params_before": before, "params_after": after, "ratio_actual": round(1 - after / before, 4)}))
@@ -527,7 +531,7 @@ def train_config(args: argparse.Namespace):
             raise ShortenedError(f"--config {args.config}: expected a mapping of TrainConfig fields")
     flags = {"method": args.method, "train_tokens": args.train_tokens, "micro_batch_size": args.micro_batch_size,
              "grad_accum": args.grad_accum, "lr": args.lr, "zero_stage": args.zero_stage,
-             "save_dtype": args.save_dtype}
+             "save_dtype": args.save_dtype, "attn_implementation": args.attn_implementation}
     fields.update({k: v for k, v in flags.items() if v is not None})
     data = dict(fields.get("data") or {})
     if args.data is not None:

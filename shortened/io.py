@@ -290,18 +290,18 @@ def save_model_dir(out: str | Path, model, tokenizer=None, *, report_name: str, 
     """Write an HF model (``save_pretrained``), its tokenizer and a JSON report to a staging folder beside ``out``,
     then move it into place in one step; a failure leaves no partial folder.
 
-    ``dtype``: the torch dtype the weights are written in (None: as the model holds them); the model in memory is
-    not changed (:func:`save_pretrained_as`).
+    ``dtype``: the torch dtype the weights are written in (None: as the model holds them), recorded in the report as
+    ``saved_dtype``; the model in memory is not changed (:func:`save_pretrained_as`).
     ``verify(staging)`` runs on the complete staging folder before it is published; whatever it raises removes
     the staging folder and propagates, so a folder that fails the check never appears at ``out``."""
     out = check_output(out, kind="dir", overwrite=overwrite, create=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(out)
     try:
-        save_pretrained_as(model, staging, dtype)
+        saved = save_pretrained_as(model, staging, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        write_json_atomic(staging / report_name, report)
+        write_json_atomic(staging / report_name, {**report, "saved_dtype": saved})
         if verify is not None:
             verify(staging)
         publish_dir(staging, out)

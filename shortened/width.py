@@ -196,7 +196,8 @@ def prune_width(model: PreTrainedModel, plan: WidthPlan, scores: list[dict[str, 
 
 def save_width_pruned(model: PreTrainedModel, plan: WidthPlan, out: str | Path,
                       tokenizer: PreTrainedTokenizerBase | None = None, *, source: str | None = None,
-                      params_before: int | None = None, overwrite: bool = False) -> Path:
-    """A standard HF folder (loadable with ``from_pretrained``) with ``width_pruning.json`` beside it."""
-    return save_model_dir(out, model, tokenizer, report_name=WIDTH_JSON, overwrite=overwrite, report={
+                      params_before: int | None = None, overwrite: bool = False, dtype=None) -> Path:
+    """A standard HF folder (loadable with ``from_pretrained``) with ``width_pruning.json`` beside it; weights in
+    ``dtype`` (a torch dtype; None: as the model holds them)."""
+    return save_model_dir(out, model, tokenizer, report_name=WIDTH_JSON, overwrite=overwrite, dtype=dtype, report={
         "model": source, "params_before": params_before, "params_after": count_params(model), **asdict(plan)})

@@ -146,6 +146,34 @@ def test_lora_run_without_ray_changes_only_adapted_weights(tiny_llama_dir, tmp_p
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 2
     record = json.loads((tmp_path / "lora" / "retraining.json").read_text())
     assert record["zero_stage"] == record["phases"][0]["zero_stage"] == 2  # lora.zero_stage, not zero_stage
+    assert record["phases"][0]["attn_implementation"] == "sdpa"  # auto on a CPU
+
+
+def test_training_attention_implementation_is_resolved_for_the_training_device(tiny_llama_dir, tmp_path,
+                                                                               monkeypatch):
+    """An explicit kernel is used for the student and the teacher; flash-attention that cannot run here is
+    refused naming the option before any step."""
+    from shortened.training import loop
+
+    loaded = []
+    real = loop.build_model
+
+    def spy(phase, dtype=torch.float32, attn_implementation="sdpa"):
+        model = real(phase, dtype, attn_implementation)
+        loaded.append((model.config._attn_implementation, dtype))
+        return model
+
+    monkeypatch.setattr(loop, "build_model", spy)
+    c = cfg(train_tokens=SEQ * 2 * 2, report_every_steps=2, checkpoint_every_tokens=None, attn_implementation="eager")
+    run(Phase(method="cpt", model=str(tiny_llama_dir), out=str(tmp_path / "e"), tokens=c.train_tokens, train=c),
+        LocalSession(tmp_path / "run"))
+    assert loaded[0] == ("eager", torch.float32)
+    assert json.loads((tmp_path / "e" / "retraining.json").read_text())["phases"][0]["attn_implementation"] == "eager"
+    flash = cfg(train_tokens=SEQ * 2 * 2, attn_implementation="flash_attention_2")
+    with pytest.raises(ShortenedError, match="attn_implementation 'flash_attention_2'"):
+        run(Phase(method="cpt", model=str(tiny_llama_dir), out=str(tmp_path / "f"), tokens=flash.train_tokens,
+                  train=flash), LocalSession(tmp_path / "run-f"))
+    assert not (tmp_path / "f").exists()
 
 
 def test_distillation_loss_decreases(tiny_llama_dir, tmp_path, smollm2_tokenizer):

@@ -126,6 +126,12 @@ def test_cli_prune_width_matches_a_depth_pruned_folder(tmp_path, smollm2_tokeniz
     meta = json.loads((out / WIDTH_JSON).read_text())
     assert meta["method"] == "activation" and meta["model"] == str(dense)
     assert loaded.config.num_hidden_layers == 8  # width pruning keeps every block
+    assert loaded.dtype == torch.float32  # the source's dtype
+    # --save-dtype: a bf16 folder, the report saying so
+    assert main(["prune-width", "--model", str(dense), "--like", str(depth), "--score", "magnitude",
+                 "--save-dtype", "bfloat16", "--out", str(tmp_path / "w16")]) == 0
+    assert json.loads((tmp_path / "w16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "w16" / WIDTH_JSON).read_text())["saved_dtype"] == "bfloat16"
 
     assert main(["prune-width", "--model", str(dense), "--like", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "no pruning.json" in capsys.readouterr().err

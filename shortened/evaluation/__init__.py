@@ -70,7 +70,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: Ev
 
     from shortened.blocks import num_layers
     from shortened.evaluation.speed import PROMPT, compare_speed
-    from shortened.models import check_positions, count_params
+    from shortened.models import attn_used, check_positions, count_params
 
     # Lengths the model cannot take fail here, before any work (past its positions a forward is garbage or hours).
     if cfg.ppl:
@@ -88,7 +88,8 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: Ev
     result: dict = {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "config": cfg.model_dump(),
                     "model_info": {"params": count_params(model), "blocks": num_layers(model.config),
-                                   "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device)},
+                                   "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device),
+                                   "attn_implementation": attn_used(model)},
                     "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                  "lm_eval": lm_eval.__version__}}
     result["ppl"] = [evaluate_ppl(model, tokenizer, d, protocol=cfg.ppl_protocol, seq_len=cfg.ppl_seq_len,

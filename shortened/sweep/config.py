@@ -178,6 +178,9 @@ class SweepConfig(BaseModel):
         if self.train.save_dtype != "auto":
             raise ValueError(f"train.save_dtype {self.train.save_dtype!r}: in a sweep, set save_dtype at the top "
                              "level (it applies to the pruned and the retrained checkpoints)")
+        if self.train.attn_implementation != "auto":
+            raise ValueError(f"train.attn_implementation {self.train.attn_implementation!r}: in a sweep, set "
+                             "attn_implementation at the top level (it applies to scoring, training and evaluation)")
         return self
 
     def experiment_dir(self) -> Path:

@@ -262,7 +262,8 @@ def _retrain(cfg: SweepConfig, spec: TrialSpec, pruned: str, out: str, worker_en
     final = Path(out) / "retraining.json"
     if not final.is_file():
         r = cfg.resources
-        retrain(pruned, out, cfg.train.model_copy(update={"method": spec.method, "save_dtype": cfg.save_dtype}),
+        retrain(pruned, out, cfg.train.model_copy(update={"method": spec.method, "save_dtype": cfg.save_dtype,
+                                                     "attn_implementation": cfg.attn_implementation}),
                 scale=trial_scale(cfg),
                 storage_path=str(cfg.experiment_dir() / "train"), name=spec.key, max_failures=r.max_failures,
                 overwrite=True, worker_env=worker_env, workers_hint="resources.workers_per_trial:")

@@ -90,6 +90,9 @@ class TrainConfig(BaseModel):
     # dtype of the exported checkpoint; auto: the trained (pruned) model's config.json dtype, else the training dtype
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     gradient_checkpointing: bool = False
+    # transformers' attention kernel for training (and the distillation teacher): auto is flash_attention_2 on CUDA
+    # in bf16/fp16 when flash-attn is installed, else sdpa (eager where the architecture has no sdpa); or name one
+    attn_implementation: str = Field("auto", min_length=1)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     distill: DistillSettings = Field(default_factory=DistillSettings)
     report_every_steps: int = Field(10, ge=1)  # each report is a barrier across workers

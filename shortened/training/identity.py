@@ -20,7 +20,7 @@ from shortened.io import write_json_atomic
 RUN_JSON = "shortened-run.json"
 # TrainConfig fields that do not change what is trained: a resumed run may change them
 OPERATIONAL = {"report_every_steps", "checkpoint_every_tokens", "keep_checkpoints", "token_log",
-               "checkpoint_staging_dir"}
+               "checkpoint_staging_dir", "save_dtype", "attn_implementation"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 _CHUNK = 1 << 20
 _SAMPLES = 17  # chunks read per weight file (first, last and evenly spaced between): cheap on 100 GB models

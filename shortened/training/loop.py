@@ -76,10 +76,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_model(phase: Phase, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def build_model(phase: Phase, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+                ) -> torch.nn.Module:
+    """The model a phase trains, on the CPU (DeepSpeed moves and casts it): LoRA-wrapped for ``lora``."""
     from shortened.models import load_model
 
-    model = load_model(phase.model, device="cpu", dtype=str(dtype).removeprefix("torch."))
+    model = load_model(phase.model, device="cpu", dtype=str(dtype).removeprefix("torch."),
+                       attn_implementation=attn_implementation)
     if phase.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if phase.method == "lora":
@@ -336,7 +339,8 @@ def run(phase: Phase, session: Session) -> dict:
 
     _skip_shm_comm_build()
 
-    from shortened.models import load_model, load_tokenizer
+    from shortened.device import resolve_attn_implementation
+    from shortened.models import attn_used, load_model, load_tokenizer
 
     cfg = phase.train
     rank, world = session.rank, session.world_size
@@ -346,11 +350,15 @@ def run(phase: Phase, session: Session) -> dict:
     precision = resolve_precision(cfg, device)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(phase.model)
-    model = build_model(phase)
+    # resolved for the device and precision the model trains in, not the CPU it is loaded on; flash-attention
+    # loads in the training dtype (DeepSpeed casts the module to it anyway)
+    train_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    attn = resolve_attn_implementation(cfg.attn_implementation, device, train_dtype)
+    model = build_model(phase, train_dtype if attn.startswith("flash") else torch.float32, attn)
     teacher = None
     if phase.method == "distill":
-        teacher = load_model(phase.teacher, device=str(device),
-                             dtype="bfloat16" if precision == "bf16" else "float32").eval().requires_grad_(False)
+        teacher = load_model(phase.teacher, device=str(device), dtype="bfloat16" if precision == "bf16" else "float32",
+                             attn_implementation=attn).eval().requires_grad_(False)
 
     steps_total = cfg.total_steps(world, phase.tokens)
     warmup = int(cfg.warmup_ratio * steps_total)
@@ -359,7 +367,7 @@ def run(phase: Phase, session: Session) -> dict:
     ds_cfg = deepspeed_config(cfg, world, precision, phase.method)
     zero_stage = ds_cfg["zero_optimization"]["stage"]
     zero = {"zero_stage": zero_stage, "offload_optimizer": "offload_optimizer" in ds_cfg["zero_optimization"],
-            "offload_params": "offload_param" in ds_cfg["zero_optimization"]}
+            "offload_params": "offload_param" in ds_cfg["zero_optimization"], "attn_implementation": attn_used(model)}
     if "optimizer" in ds_cfg:
         ds_cfg["optimizer"]["params"]["lr"] = lr
         optimizer = None
@@ -586,7 +594,8 @@ def retraining_record(phase: Phase, history: list[dict], world_size: int, lora_t
                       zero: dict | None = None) -> dict:
     """``retraining.json``: what this phase actually ran (tokens requested and trained, workers, the ZeRO stage and
     offloads it ran with, the LoRA modules resolved for this architecture), and every phase of the run
-    (``cpt+lora``: the CPT phase first). ``zero``: ``{"zero_stage", "offload_optimizer", "offload_params"}``."""
+    (``cpt+lora``: the CPT phase first). ``zero``: ``{"zero_stage", "offload_optimizer", "offload_params",
+    "attn_implementation"}``."""
     trained = int(history[-1]["tokens"]) if history else 0
     this = {"method": phase.method, "run": phase.run, "base_model": phase.model, "teacher": phase.teacher,
             "tokens_requested": phase.tokens, "tokens_trained": trained, "world_size": world_size,
