@@ -382,27 +382,20 @@ def _check_local_source(source: str, split: str, flag: str) -> None:
 
 
 def _scores_for(args: argparse.Namespace, model, n_remove: int | None, tokenizer=None):
-    """Calibration windows from ``tokenizer`` (unless the criterion is data-free), then score."""
+    """:func:`shortened.pruning.score_with_calibration` with the scoring flags (calibration windows from
+    ``tokenizer`` unless the criterion is data-free)."""
     from shortened.criteria import DATA_FREE
-    from shortened.data.calibration import calibration_windows, describe
-    from shortened.pruning import score_blocks
+    from shortened.pruning import score_with_calibration
 
-    calibration, calib_info = None, {}
+    cfg = None
     if args.criterion not in DATA_FREE:
         cfg = _calibration_config(args)
         if tokenizer is None:
             tokenizer = _tokenizer(args, f"criterion {args.criterion!r} (calibration text)")
-        from shortened.models import check_positions
-
-        check_positions(model, cfg.seq_len, "--calib-seq-len")
-        calibration = calibration_windows(tokenizer, cfg)
-        calib_info = describe(cfg, calibration)
-    scores = score_blocks(model, args.criterion, calibration, keep_first=args.keep_first, keep_last=args.keep_last,
-                          batch_size=args.batch_size, n_remove=n_remove, progress=not args.quiet,
-                          ratio=getattr(args, "ratio", None))
-    scores.calibration = calib_info
-    scores.model = _recorded_model(args.model)
-    return scores
+    return score_with_calibration(model, args.criterion, tokenizer=tokenizer, calibration=cfg,
+                                  keep_first=args.keep_first, keep_last=args.keep_last, batch_size=args.batch_size,
+                                  n_remove=n_remove, ratio=getattr(args, "ratio", None), progress=not args.quiet,
+                                  model_name=_recorded_model(args.model), seq_len_option="--calib-seq-len")
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -435,7 +428,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from shortened.criteria import DATA_FREE
     from shortened.io import check_output
     from shortened.models import load_model
-    from shortened.pruning import check_scores_fit, prune, resolve_block_count, save_pruned
+    from shortened.pruning import check_scores_fit, prune_and_save, resolve_block_count
 
     _check_common(args)
     check_output(args.out, kind="dir", overwrite=args.overwrite, flag="--out", create=False)
@@ -453,12 +446,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         scores = saved
     else:
         scores = _scores_for(args, model, n_remove, tokenizer)
-    result = prune(model, scores, n_remove, keep_first=args.keep_first, keep_last=args.keep_last,
-                   ratio_requested=args.ratio, model_name=_recorded_model(args.model))
-    out = save_pruned(result, args.out, tokenizer, overwrite=args.overwrite,
-                      dtype=io.resolve_save_dtype(args.save_dtype, _source(args)))
+    result = prune_and_save(model, scores, n_remove, args.out, tokenizer, keep_first=args.keep_first,
+                            keep_last=args.keep_last, ratio_requested=args.ratio,
+                            model_name=_recorded_model(args.model), overwrite=args.overwrite,
+                            save_dtype=args.save_dtype, source=_source(args))
     r = result.report
-    print(json.dumps({"out": str(out), "removed_blocks": r["removed_blocks"], "num_blocks_after": r["num_blocks_after"],
+    print(json.dumps({"out": str(result.path), "removed_blocks": r["removed_blocks"], "num_blocks_after": r["num_blocks_after"],
                       "params_before": r["params_before"], "params_after": r["params_after"],
                       "ratio_actual": round(r["ratio_actual"], 4)}))
     return 0

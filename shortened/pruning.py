@@ -7,6 +7,7 @@ import math
 from fractions import Fraction
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -17,6 +18,9 @@ from shortened.errors import ShortenedError
 from shortened.io import save_model_dir
 from shortened.models import count_params
 from shortened.structure import check_config_describes, skeleton
+
+if TYPE_CHECKING:
+    from shortened.data.calibration import CalibrationConfig
 
 PRUNING_JSON = "pruning.json"
 
@@ -100,6 +104,38 @@ def score_blocks(model: PreTrainedModel, criterion: str, calibration: torch.Tens
     return scores
 
 
+def score_with_calibration(model: PreTrainedModel, criterion: str, *, tokenizer: PreTrainedTokenizerBase | None,
+                           calibration: CalibrationConfig | None, keep_first: int = 4, keep_last: int = 2,
+                           batch_size: int = 1, n_remove: int | None = None, ratio: float | None = None,
+                           progress: bool = True, model_name: str | None = None,
+                           seq_len_option: str = "calibration.seq_len") -> BlockScores:
+    """Score the blocks with one criterion, drawing its calibration windows first: the one scoring path of
+    ``shortened score``/``prune`` and of a sweep's shared scores.
+
+    Criteria that read text (all but the data-free ones, :data:`shortened.criteria.DATA_FREE`) draw
+    ``calibration``'s windows with ``tokenizer``, after checking that its ``seq_len`` fits the model's positions
+    (the error names ``seq_len_option``: ``--calib-seq-len``, ``calibration.seq_len``); data-free criteria need
+    neither. The scores record the calibration set (:func:`shortened.data.calibration.describe`; empty for a
+    data-free criterion) and, when given, ``model_name``. Other arguments are :func:`score_blocks`'s."""
+    from shortened.data.calibration import calibration_windows, describe
+    from shortened.models import check_positions
+
+    get_criterion(criterion)  # an unknown name is named before anything is read
+    windows, info = None, {}
+    if criterion not in DATA_FREE:
+        if calibration is None or tokenizer is None:
+            raise ShortenedError(f"criterion {criterion!r} needs calibration data (a tokenizer and a calibration set)")
+        check_positions(model, calibration.seq_len, seq_len_option)
+        windows = calibration_windows(tokenizer, calibration)
+        info = describe(calibration, windows)
+    scores = score_blocks(model, criterion, windows, keep_first=keep_first, keep_last=keep_last,
+                          batch_size=batch_size, n_remove=n_remove, progress=progress, ratio=ratio)
+    scores.calibration = info
+    if model_name is not None:
+        scores.model = model_name
+    return scores
+
+
 def check_scores_fit(scores: BlockScores, model: PreTrainedModel, criterion: str) -> None:
     n_blocks = len(find_blocks(model))
     if scores.criterion != criterion:
@@ -142,7 +178,8 @@ def check_attention_kept(model: PreTrainedModel, removed: list[int]) -> None:
 @dataclass
 class PruneResult:
     model: PreTrainedModel
-    report: dict
+    report: dict  # what pruning.json holds
+    path: Path | None = None  # where it was saved (:func:`prune_and_save`)
 
 
 def prune(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_first: int = 4, keep_last: int = 2,
@@ -222,3 +259,20 @@ def save_pruned(result: PruneResult, out: str | Path, tokenizer: PreTrainedToken
 
     return save_model_dir(out, model, tokenizer, report_name=PRUNING_JSON, report=result.report,
                           overwrite=overwrite, verify=verify, dtype=dtype)
+
+
+def prune_and_save(model: PreTrainedModel, scores: BlockScores, n_remove: int, out: str | Path,
+                   tokenizer: PreTrainedTokenizerBase | None = None, *, keep_first: int = 4, keep_last: int = 2,
+                   ratio_requested: float | None = None, model_name: str = "", overwrite: bool = False,
+                   save_dtype: str = "auto", source=None, gguf_file: str | None = None) -> PruneResult:
+    """:func:`prune` the model (in place) and :func:`save_pruned` it to ``out``, weights in
+    :func:`shortened.io.resolve_save_dtype` of ``save_dtype`` (``auto``: the dtype of ``source``/``gguf_file``, the
+    model that was loaded); the one pruning path of ``shortened prune`` and a sweep's prune stage. Returns the
+    :class:`PruneResult`, its ``path`` the published folder."""
+    from shortened.io import resolve_save_dtype
+
+    result = prune(model, scores, n_remove, keep_first=keep_first, keep_last=keep_last,
+                   ratio_requested=ratio_requested, model_name=model_name)
+    result.path = save_pruned(result, out, tokenizer, overwrite=overwrite,
+                              dtype=resolve_save_dtype(save_dtype, source, gguf_file))
+    return result

@@ -114,6 +114,31 @@ def test_cli_score_then_prune_reuses_scores(tiny_llama_dir, tmp_path, capsys):
     assert model.config.num_hidden_layers == LAYERS - 2
 
 
+def test_sweep_and_cli_score_through_one_path(tiny_llama_dir, tmp_path):
+    """A sweep's shared scores and ``shortened score`` run the same code (pruning.score_with_calibration): the
+    same settings give the same scores and the same calibration record; a window longer than the model's positions
+    is refused in the sweep too, naming its field."""
+    from shortened.sweep.config import SweepConfig
+    from shortened.sweep.trial import compute_scores
+
+    cli_out = tmp_path / "cli.json"
+    assert run_cli("score", "--model", tiny_llama_dir, "--criterion", "ppl", "--calib-samples", 2,
+                   "--calib-seq-len", 16, "--keep-first", 1, "--keep-last", 1, "--device", "cpu", "--dtype", "float32",
+                   "--quiet", "--out", cli_out) == 0
+    fields = dict(name="one", model=str(tiny_llama_dir), criteria=["ppl"], blocks=[1], keep_first=1, keep_last=1,
+                  calibration={"n_samples": 2, "seq_len": 16}, train={"train_tokens": 8}, device="cpu",
+                  dtype="float32", storage_path=str(tmp_path / "runs"))
+    cfg = SweepConfig.model_validate(fields)
+    sweep = BlockScores.load(compute_scores(cfg.model_dump(mode="json"), "ppl", 1, str(tmp_path / "s" / "ppl.json")))
+    cli = BlockScores.load(cli_out)
+    assert sweep.scores == pytest.approx(cli.scores)
+    assert sweep.calibration == cli.calibration and sweep.model == cli.model == str(tiny_llama_dir)
+    assert [p.name for p in (tmp_path / "s").iterdir()] == ["ppl.json"]  # written atomically, nothing beside it
+    long = SweepConfig.model_validate({**fields, "calibration": {"n_samples": 2, "seq_len": 257}})
+    with pytest.raises(ShortenedError, match="calibration.seq_len: 257 tokens per sequence"):
+        compute_scores(long.model_dump(mode="json"), "ppl", 1, str(tmp_path / "s" / "long.json"))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--criterion", "nope", "--ratio", "0.2"], "criterion 'nope' is unknown"),
     (["--criterion", "magnitude", "--ratio", "1.0"], r"ratio 1.0 must be in \[0, 1\)"),

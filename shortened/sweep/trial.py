@@ -97,38 +97,29 @@ def scoring_dtype(cfg: SweepConfig) -> str:
 def compute_scores(cfg_json: dict, criterion: str, n_remove: int, out: str) -> str:
     """Score every block of the original model once per criterion, in :func:`scoring_dtype` with the config's
     ``attn_implementation``; trials prune from this file (which records the dtype and device used)."""
-    from shortened.data.calibration import calibration_windows, describe
+    from shortened.criteria import DATA_FREE
     from shortened.models import load_model, load_tokenizer
-    from shortened.pruning import score_blocks
+    from shortened.pruning import score_with_calibration
 
     _threads_for_task()
     cfg = SweepConfig.model_validate(cfg_json)
     model = load_model(cfg.model, gguf_file=cfg.gguf_file, device=cfg.device, dtype=scoring_dtype(cfg),
                        attn_implementation=cfg.attn_implementation)
-    calib, info = None, {}
-    from shortened.criteria import DATA_FREE
-
-    if criterion not in DATA_FREE:
-        calib = calibration_windows(load_tokenizer(cfg.model, gguf_file=cfg.gguf_file), cfg.calibration)
-        info = describe(cfg.calibration, calib)
+    tokenizer = None if criterion in DATA_FREE else load_tokenizer(cfg.model, gguf_file=cfg.gguf_file)
     # ratios only (no block counts or bisection): iterative steps stay within the largest ratio's budget
     ratio = max(cfg.ratios) if cfg.ratios and not cfg.blocks and cfg.search != "bisect" else None
-    scores = score_blocks(model, criterion, calib, keep_first=cfg.keep_first, keep_last=cfg.keep_last,
-                          n_remove=n_remove, progress=False, ratio=ratio)
-    scores.calibration, scores.model = info, cfg.model
-    tmp = Path(out).with_suffix(".tmp.json")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    scores.save(tmp)
-    tmp.replace(out)
+    scores = score_with_calibration(model, criterion, tokenizer=tokenizer, calibration=cfg.calibration,
+                                    keep_first=cfg.keep_first, keep_last=cfg.keep_last, n_remove=n_remove,
+                                    ratio=ratio, progress=False, model_name=cfg.model)
+    scores.save(out)  # atomically: a file at ``out`` is always a complete one
     return out
 
 
 def prune_stage(cfg_json: dict, spec_json: dict, scores_file: str, out: str) -> dict:
     """Prune the original model with the saved scores and publish the HF folder; returns ``pruning.json``."""
     from shortened.criteria import BlockScores
-    from shortened.io import resolve_save_dtype
     from shortened.models import load_model, load_tokenizer
-    from shortened.pruning import PRUNING_JSON, prune, resolve_block_count, save_pruned
+    from shortened.pruning import PRUNING_JSON, prune_and_save, resolve_block_count
 
     cfg, spec = SweepConfig.model_validate(cfg_json), TrialSpec.model_validate(spec_json)
     if (Path(out) / PRUNING_JSON).is_file():
@@ -138,10 +129,10 @@ def prune_stage(cfg_json: dict, spec_json: dict, scores_file: str, out: str) -> 
                             keep_last=cfg.keep_last)
     scores = BlockScores.load(scores_file)
     _warn_scores_dtype(cfg, scores, scores_file)
-    result = prune(model, scores, n, keep_first=cfg.keep_first, keep_last=cfg.keep_last,
-                   ratio_requested=spec.ratio, model_name=cfg.model)
-    save_pruned(result, out, load_tokenizer(cfg.model, gguf_file=cfg.gguf_file), overwrite=True,
-                dtype=resolve_save_dtype(cfg.save_dtype, cfg.model, cfg.gguf_file))  # the source's by default
+    result = prune_and_save(model, scores, n, out, load_tokenizer(cfg.model, gguf_file=cfg.gguf_file),
+                            keep_first=cfg.keep_first, keep_last=cfg.keep_last, ratio_requested=spec.ratio,
+                            model_name=cfg.model, overwrite=True, save_dtype=cfg.save_dtype, source=cfg.model,
+                            gguf_file=cfg.gguf_file)  # saved in the source's dtype by default
     return result.report
 
 
