@@ -147,6 +147,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shortened.training.config import METHODS, TrainConfig
+
     parser = _Parser(prog="shortened", description="Depth pruning of decoder LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt = sub.add_parser("retrain", help="heal a pruned model: CPT, LoRA, CPT+LoRA or distillation on Ray Train "
                                          "with DeepSpeed ZeRO; re-running the same --name resumes")
     rt.add_argument("--model", required=True, help="the (pruned) HF model folder")
-    rt.add_argument("--method", choices=["cpt", "lora", "cpt+lora", "distill"], help="default: cpt")
+    rt.add_argument("--method", choices=METHODS, help=f"default: {TrainConfig.model_fields['method'].default}")
     rt.add_argument("--config", help="YAML with TrainConfig fields (flags below override it)")
     rt.add_argument("--data", help="training data source (file, folder, glob, s3://…, hf:NAME, slimpajama-sample)")
     rt.add_argument("--train-tokens", type=COUNT, help="token budget across all workers")

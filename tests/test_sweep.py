@@ -103,6 +103,25 @@ def test_grid_specs_and_concurrency(tmp_path):
         concurrency(gpu, {"CPU": 64.0, "GPU": 2.0})
 
 
+def test_retraining_methods_have_one_definition():
+    """training.config.Method lists the methods; the sweep's (with none), the CLI's --method choices, the trial
+    costs and the messages that list them all follow it."""
+    import re
+
+    from shortened.cli import build_parser
+    from shortened.sweep.config import SWEEP_METHODS
+    from shortened.sweep.trial import DENSE, METHOD_COST
+    from shortened.training.config import METHODS, PHASE_METHODS, PHASES
+
+    assert SWEEP_METHODS == ("none", *METHODS)
+    assert set(METHOD_COST) == {*SWEEP_METHODS, DENSE}
+    assert set(PHASES) == set(METHODS) and {p for ps in PHASES.values() for p in ps} == set(PHASE_METHODS)
+    retrain = build_parser()._subparsers._group_actions[0].choices["retrain"]
+    assert next(a for a in retrain._actions if a.dest == "method").choices == METHODS
+    with pytest.raises(ValueError, match=re.escape(f"at least one method ({', '.join(SWEEP_METHODS)})")):
+        SweepConfig.model_validate(tiny_sweep(Path("m"), Path("s"), methods=[]))
+
+
 # -- selection ------------------------------------------------------------------------------------------------------
 
 def trial(key, ratio, ppl, acc=None, params=100, status="completed", latency=None):

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shortened.criteria import CRITERIA
 from shortened.data.calibration import CalibrationConfig
 from shortened.evaluation import EvalConfig
-from shortened.training.config import TrainConfig
+from shortened.training.config import Method, TrainConfig
 
-SweepMethod = Literal["none", "lora", "cpt", "cpt+lora", "distill"]
+# the retraining methods (training.config.Method), or none: prune and evaluate without retraining
+SweepMethod = Literal["none", Method]
+SWEEP_METHODS: tuple[str, ...] = get_args(SweepMethod)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -151,7 +153,7 @@ class SweepConfig(BaseModel):
     @classmethod
     def _methods(cls, v: list[str]) -> list[str]:
         if not v:
-            raise ValueError("at least one method (none, lora, cpt, cpt+lora, distill)")
+            raise ValueError(f"at least one method ({', '.join(SWEEP_METHODS)})")
         return list(dict.fromkeys(v))
 
     @model_validator(mode="after")

@@ -12,12 +12,12 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from shortened.io import write_json_atomic
-from shortened.sweep.config import SweepConfig
+from shortened.sweep.config import SweepConfig, SweepMethod
 
 if TYPE_CHECKING:
     from shortened.training.retrain import ScaleConfig
@@ -59,8 +59,10 @@ def grid_specs(cfg: SweepConfig) -> list[TrialSpec]:
     return specs
 
 
-# relative cost of a method's retraining, for ordering trials longest first
-METHOD_COST = {"cpt+lora": 5, "distill": 4, "cpt": 3, "lora": 2, "none": 1, DENSE: 0}
+# relative cost of a method's retraining, for ordering trials longest first: every sweep method (SweepMethod) and
+# the dense baseline
+METHOD_COST: dict[SweepMethod | Literal["dense"], int] = {"cpt+lora": 5, "distill": 4, "cpt": 3, "lora": 2,
+                                                          "none": 1, DENSE: 0}
 
 
 def longest_first(specs: list[TrialSpec]) -> list[TrialSpec]:

@@ -6,13 +6,19 @@ its LoRA settings (r 8, alpha 16, dropout 0.05 on q,k,v,o,gate,up,down).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shortened.data.config import DataConfig
 
+# The retraining methods, defined here once: TrainConfig.method, the CLI's --method choices, a sweep's methods
+# (which add "none") and every message that lists them come from this.
 Method = Literal["cpt", "lora", "cpt+lora", "distill"]
+METHODS: tuple[str, ...] = get_args(Method)
+# What one phase (one TorchTrainer run) trains: cpt+lora runs a CPT phase, then a LoRA phase (PHASES).
+PhaseMethod = Literal["cpt", "lora", "distill"]
+PHASE_METHODS: tuple[str, ...] = get_args(PhaseMethod)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -52,9 +58,9 @@ class DistillSettings(BaseModel):
     chunk_tokens: int = Field(1024, ge=1, le=1 << 24)
 
 
-PHASES: dict[str, tuple[str, ...]] = {"cpt": ("cpt",), "lora": ("lora",), "cpt+lora": ("cpt", "lora"),
-                                      "distill": ("distill",)}  # the phases (TorchTrainer runs) of each method
-STAGE_FIELD = {"cpt": "zero_stage", "distill": "zero_stage", "lora": "lora.zero_stage"}
+PHASES: dict[Method, tuple[PhaseMethod, ...]] = {"cpt": ("cpt",), "lora": ("lora",), "cpt+lora": ("cpt", "lora"),
+                                                 "distill": ("distill",)}  # the phases (TorchTrainer runs) of each method
+STAGE_FIELD: dict[PhaseMethod, str] = {"cpt": "zero_stage", "distill": "zero_stage", "lora": "lora.zero_stage"}
 
 
 def phase_zero_stage(cfg: TrainConfig, phase_method: str) -> int:

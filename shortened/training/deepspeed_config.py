@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from shortened.training.config import TrainConfig, phase_zero_stage
+from shortened.training.config import PHASE_METHODS, TrainConfig, phase_zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str, method: 
     """The DeepSpeed config of one phase: ``method`` is the phase's (cpt, lora or distill; default: the config's
     method, which must then not be cpt+lora), whose ZeRO stage is :func:`phase_zero_stage`."""
     method = method or cfg.method
-    if method not in ("cpt", "lora", "distill"):
-        raise ValueError(f"deepspeed_config is per phase (cpt, lora or distill), got {method!r}")
+    if method not in PHASE_METHODS:
+        raise ValueError(f"deepspeed_config is per phase ({', '.join(PHASE_METHODS[:-1])} or {PHASE_METHODS[-1]}), "
+                         f"got {method!r}")
     stage = phase_zero_stage(cfg, method)
     offload = phase_offload(cfg, method)
     zero: dict = {"stage": stage}
