@@ -1,5 +1,6 @@
-"""Automatic, overridable device, precision and attention-kernel choice: bf16 on GPUs that support it, fp32 on CPU;
-flash-attention on CUDA when installed, PyTorch SDPA otherwise."""
+"""Automatic, overridable device, precision and attention-kernel choice: bf16 on GPUs that support it, fp32 on CPU
+(:func:`auto_dtype`, the one precision policy of scoring, evaluation and training); flash-attention on CUDA when
+installed, PyTorch SDPA otherwise."""
 
 from __future__ import annotations
 
@@ -42,16 +43,34 @@ def check_dtype_name(dtype: str, what: str = "dtype") -> str:
     return dtype
 
 
+def auto_dtype(device: torch.device, *, training: bool = False) -> torch.dtype:
+    """What precision ``auto`` means on ``device``: the one policy of scoring and evaluation
+    (:func:`resolve_dtype`) and of training (:func:`shortened.training.deepspeed_config.resolve_precision`).
+
+    - a CUDA GPU that supports bf16 (Ampere and later): bf16, for all three;
+    - an older CUDA GPU: fp16 for training, fp32 for scoring and evaluation. Training in fp16 runs with DeepSpeed's
+      dynamic loss scaling, which keeps small gradients from underflowing, and halves the memory of an 8B-model
+      run; inference has no such guard: fp16 activations of models trained in bf16 can overflow (fp16 tops out at
+      65504) into inf/NaN perplexities, and block scores of near-tied blocks would rank by fp16 rounding. The two
+      therefore differ on these GPUs only, on purpose;
+    - a CPU (or any other device): fp32 for all three (bf16 is ~7x slower on CPUs without avx512_bf16, and many
+      fp16 CPU kernels are missing or slower still).
+    """
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16 if training else torch.float32
+    return torch.float32
+
+
 def resolve_dtype(dtype: str = "auto", device: torch.device | None = None, what: str = "dtype") -> torch.dtype:
-    """``auto``: bf16 on a GPU that supports it, fp32 otherwise (bf16 is ~7x slower on CPUs without avx512_bf16).
+    """The torch dtype to load a model in for scoring or evaluation: ``auto`` is :func:`auto_dtype` of ``device``
+    (default: :func:`resolve_device`'s ``auto``); a name is taken as it is.
 
     Raises :class:`ShortenedError` naming ``what`` (the option or config field) for an unknown name."""
     check_dtype_name(dtype, what)
     if dtype == "auto":
-        dev = device or resolve_device("auto")
-        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        return auto_dtype(device or resolve_device("auto"))
     return _DTYPES[dtype]
 
 

@@ -53,6 +53,23 @@ def test_hub_id_without_network_is_a_clear_error(monkeypatch):
         load_model("no-such-org/no-such-model", device="cpu")
 
 
+@pytest.mark.parametrize("bf16, scoring, training", [(True, torch.bfloat16, "bf16"), (False, torch.float32, "fp16")])
+def test_one_precision_policy_for_scoring_and_training(monkeypatch, bf16, scoring, training):
+    """device.auto_dtype is what ``auto`` means everywhere: bf16 on a GPU with bf16; on an older GPU fp16 for
+    training (loss-scaled) but fp32 for scoring and evaluation; fp32 on CPU."""
+    from shortened.device import auto_dtype, resolve_dtype
+    from shortened.training.config import TrainConfig
+    from shortened.training.deepspeed_config import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    cuda, cpu, cfg = torch.device("cuda"), torch.device("cpu"), TrainConfig(train_tokens=1)
+    assert resolve_dtype("auto", cuda) == auto_dtype(cuda) == scoring
+    assert resolve_precision(cfg, cuda) == training
+    assert auto_dtype(cuda, training=True) == {"bf16": torch.bfloat16, "fp16": torch.float16}[training]
+    assert resolve_dtype("auto", cpu) == torch.float32 and resolve_precision(cfg, cpu) == "fp32"
+    assert resolve_precision(cfg.model_copy(update={"precision": "fp32"}), cuda) == "fp32"  # set: as it is
+
+
 def test_bad_device_and_dtype():
     from shortened.device import resolve_dtype, resolve_device
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32

@@ -92,7 +92,8 @@ class TrainConfig(BaseModel):
     # a cpt+lora run offloads the CPT phase's ZeRO-3 parameters but not the LoRA phase's at stage 2.
     offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory (DeepSpeed CPU Adam, JIT-built once)
     offload_params: bool = False  # ZeRO-3 parameters in CPU memory
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPUs, fp32 on CPU
+    # auto: bf16 on GPUs that support it, fp16 (loss-scaled) on older GPUs, fp32 on CPU (device.auto_dtype)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # dtype of the exported checkpoint; auto: the trained (pruned) model's config.json dtype, else the training dtype
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     gradient_checkpointing: bool = False

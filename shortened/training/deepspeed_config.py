@@ -6,18 +6,21 @@ import logging
 
 import torch
 
+from shortened.device import auto_dtype
 from shortened.training.config import PHASE_METHODS, TrainConfig, phase_zero_stage
 
 log = logging.getLogger(__name__)
 
 
+_PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}  # TrainConfig.precision's
+
+
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
-    """bf16 on GPUs that support it (fp16 on older ones), fp32 on CPU — unless set."""
+    """``precision`` unless ``auto``; then :func:`shortened.device.auto_dtype` for training: bf16 on GPUs that
+    support it, fp16 (with loss scaling) on older ones, fp32 on CPU."""
     if cfg.precision != "auto":
         return cfg.precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return _PRECISION_NAMES[auto_dtype(device, training=True)]
 
 
 def phase_offload(cfg: TrainConfig, method: str) -> dict[str, bool]:
