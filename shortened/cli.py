@@ -117,10 +117,13 @@ def _add_tokenizer_arg(p: argparse.ArgumentParser, why: str) -> None:
 
 def _add_scoring_args(p: argparse.ArgumentParser) -> None:
     from shortened.criteria import CRITERIA
+    from shortened.pruning import KEEP_FIRST, KEEP_LAST
 
     p.add_argument("--criterion", required=True, help=f"one of: {', '.join(CRITERIA)}")
-    p.add_argument("--keep-first", type=NON_NEGATIVE, default=4, help="never remove the first N blocks (paper: 4)")
-    p.add_argument("--keep-last", type=NON_NEGATIVE, default=2, help="never remove the last N blocks (paper: 2)")
+    p.add_argument("--keep-first", type=NON_NEGATIVE, default=KEEP_FIRST,
+                   help=f"never remove the first N blocks (paper: {KEEP_FIRST})")
+    p.add_argument("--keep-last", type=NON_NEGATIVE, default=KEEP_LAST,
+                   help=f"never remove the last N blocks (paper: {KEEP_LAST})")
     p.add_argument("--calib-source", default="slimpajama-sample",
                    help="corpus for calibration: file, folder, glob, hf:NAME, or slimpajama-sample")
     p.add_argument("--calib-samples", type=COUNT, default=10, help="calibration samples (paper: 10)")

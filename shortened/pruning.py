@@ -23,9 +23,12 @@ if TYPE_CHECKING:
     from shortened.data.calibration import CalibrationConfig
 
 PRUNING_JSON = "pruning.json"
+# The paper's "+" rule: the first 4 and the last 2 blocks are never removed (defaults of the CLI, a sweep and the
+# functions here).
+KEEP_FIRST, KEEP_LAST = 4, 2
 
 
-def allowed_blocks(n_blocks: int, keep_first: int = 4, keep_last: int = 2) -> list[int]:
+def allowed_blocks(n_blocks: int, keep_first: int = KEEP_FIRST, keep_last: int = KEEP_LAST) -> list[int]:
     """Blocks the paper's "+" rule lets go: never the first ``keep_first`` nor the last ``keep_last``."""
     if keep_first < 0 or keep_last < 0:
         raise ShortenedError(f"keep_first/keep_last must be >= 0, got {keep_first}/{keep_last}")
@@ -83,8 +86,8 @@ def resolve_block_count(model: PreTrainedModel, *, ratio: float | None, blocks: 
     return n
 
 
-def score_blocks(model: PreTrainedModel, criterion: str, calibration: torch.Tensor | None, *, keep_first: int = 4,
-                 keep_last: int = 2, batch_size: int = 1, n_remove: int | None = None, progress: bool = True,
+def score_blocks(model: PreTrainedModel, criterion: str, calibration: torch.Tensor | None, *,
+                 keep_first: int = KEEP_FIRST, keep_last: int = KEEP_LAST, batch_size: int = 1, n_remove: int | None = None, progress: bool = True,
                  ratio: float | None = None) -> BlockScores:
     """Run one criterion. ``calibration`` may be ``None`` only for data-free criteria (``magnitude``).
 
@@ -105,9 +108,9 @@ def score_blocks(model: PreTrainedModel, criterion: str, calibration: torch.Tens
 
 
 def score_with_calibration(model: PreTrainedModel, criterion: str, *, tokenizer: PreTrainedTokenizerBase | None,
-                           calibration: CalibrationConfig | None, keep_first: int = 4, keep_last: int = 2,
-                           batch_size: int = 1, n_remove: int | None = None, ratio: float | None = None,
-                           progress: bool = True, model_name: str | None = None,
+                           calibration: CalibrationConfig | None, keep_first: int = KEEP_FIRST,
+                           keep_last: int = KEEP_LAST, batch_size: int = 1, n_remove: int | None = None,
+                           ratio: float | None = None, progress: bool = True, model_name: str | None = None,
                            seq_len_option: str = "calibration.seq_len") -> BlockScores:
     """Score the blocks with one criterion, drawing its calibration windows first: the one scoring path of
     ``shortened score``/``prune`` and of a sweep's shared scores.
@@ -182,8 +185,8 @@ class PruneResult:
     path: Path | None = None  # where it was saved (:func:`prune_and_save`)
 
 
-def prune(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_first: int = 4, keep_last: int = 2,
-          ratio_requested: float | None = None, model_name: str = "") -> PruneResult:
+def prune(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_first: int = KEEP_FIRST,
+          keep_last: int = KEEP_LAST, ratio_requested: float | None = None, model_name: str = "") -> PruneResult:
     """Remove the blocks the criterion selects (in place) and describe what was done.
 
     With ``ratio_requested`` the criterion chooses under a parameter budget (``ratio_requested`` of the model's
@@ -262,9 +265,10 @@ def save_pruned(result: PruneResult, out: str | Path, tokenizer: PreTrainedToken
 
 
 def prune_and_save(model: PreTrainedModel, scores: BlockScores, n_remove: int, out: str | Path,
-                   tokenizer: PreTrainedTokenizerBase | None = None, *, keep_first: int = 4, keep_last: int = 2,
-                   ratio_requested: float | None = None, model_name: str = "", overwrite: bool = False,
-                   save_dtype: str = "auto", source=None, gguf_file: str | None = None) -> PruneResult:
+                   tokenizer: PreTrainedTokenizerBase | None = None, *, keep_first: int = KEEP_FIRST,
+                   keep_last: int = KEEP_LAST, ratio_requested: float | None = None, model_name: str = "",
+                   overwrite: bool = False, save_dtype: str = "auto", source=None,
+                   gguf_file: str | None = None) -> PruneResult:
     """:func:`prune` the model (in place) and :func:`save_pruned` it to ``out``, weights in
     :func:`shortened.io.resolve_save_dtype` of ``save_dtype`` (``auto``: the dtype of ``source``/``gguf_file``, the
     model that was loaded); the one pruning path of ``shortened prune`` and a sweep's prune stage. Returns the

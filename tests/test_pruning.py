@@ -27,6 +27,24 @@ def test_paper_example_llama7b_20_percent_is_6_of_32_blocks():
     assert blocks_for_ratio(model, 0.0) == 0
 
 
+def test_keep_rule_defaults_have_one_home():
+    """pruning.KEEP_FIRST/KEEP_LAST (the paper's 4 and 2) are the defaults of the library, the CLI and a sweep."""
+    import inspect
+
+    from shortened.cli import build_parser
+    from shortened.pruning import KEEP_FIRST, KEEP_LAST, prune_and_save, score_with_calibration
+    from shortened.sweep.config import SweepConfig
+
+    assert (KEEP_FIRST, KEEP_LAST) == (4, 2)
+    for fn in (allowed_blocks, score_blocks, score_with_calibration, prune, prune_and_save):
+        params = inspect.signature(fn).parameters
+        assert (params["keep_first"].default, params["keep_last"].default) == (KEEP_FIRST, KEEP_LAST), fn
+    args = build_parser().parse_args(["score", "--model", "m", "--criterion", "ppl", "--out", "o"])
+    assert (args.keep_first, args.keep_last) == (KEEP_FIRST, KEEP_LAST)
+    fields = SweepConfig.model_fields
+    assert (fields["keep_first"].default, fields["keep_last"].default) == (KEEP_FIRST, KEEP_LAST)
+
+
 def test_keep_rule_and_block_count_errors():
     assert allowed_blocks(8, 4, 2) == [4, 5]
     assert allowed_blocks(8, 0, 0) == list(range(8))

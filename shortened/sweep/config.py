@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from shortened.criteria import CRITERIA
 from shortened.data.calibration import CalibrationConfig
 from shortened.evaluation import EvalConfig
+from shortened.pruning import KEEP_FIRST, KEEP_LAST
 from shortened.training.config import Method, TrainConfig
 
 # the retraining methods (training.config.Method), or none: prune and evaluate without retraining
@@ -90,8 +91,8 @@ class SweepConfig(BaseModel):
     blocks: list[int] | None = None  # or block counts
     methods: list[SweepMethod] = Field(default_factory=lambda: ["cpt"])
     search: Literal["grid", "bisect"] = "grid"
-    keep_first: int = Field(4, ge=0)
-    keep_last: int = Field(2, ge=0)
+    keep_first: int = Field(KEEP_FIRST, ge=0)  # the "+" rule: blocks never removed (pruning.KEEP_FIRST/KEEP_LAST)
+    keep_last: int = Field(KEEP_LAST, ge=0)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     train: TrainConfig  # ``method`` is set per trial
     eval: EvalConfig = Field(default_factory=lambda: EvalConfig(ppl=["wikitext2"]))
