@@ -19,7 +19,7 @@ import yaml
 from shortened.cluster import _probe, placement_problem
 from shortened.paths import REPO_ROOT, shared_data_dir
 from shortened.sweep.store import ResultsStore
-from shortened.training.loop import trained_tokens
+from shortened.training.audit import trained_tokens
 
 LOCAL = REPO_ROOT / "cluster" / "local.sh"
 PORT = 6391

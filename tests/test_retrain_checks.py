@@ -18,7 +18,7 @@ from shortened.data import DataConfig
 from shortened.errors import ShortenedError
 from shortened.training import identity
 from shortened.training.config import TrainConfig
-from shortened.training.loop import resolve_lora_targets, with_lora
+from shortened.training.lora import resolve_lora_targets, with_lora
 from shortened.training.retrain import (ScaleConfig, absolute_data, phases_for, resolve_teacher, retrain,
                                         run_records)
 

@@ -14,8 +14,11 @@ from transformers import AutoModelForCausalLM
 
 from shortened.data import DataConfig, PackedStream, take
 from shortened.errors import ShortenedError
+from shortened.training.audit import trained_tokens
 from shortened.training.config import TrainConfig
-from shortened.training.loop import Phase, distill_loss, run, trained_tokens, with_lora
+from shortened.training.distill import distill_loss
+from shortened.training.lora import with_lora
+from shortened.training.loop import Phase, run
 from shortened.training.retrain import ScaleConfig, retrain
 from shortened.training.session import LocalSession
 
@@ -239,7 +242,7 @@ FACTORIES = ("tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", 
 
 
 class DefaultDeviceElsewhere:
-    """``torch`` as ``loop.py`` and ``session.py`` see it in the device test: a tensor factory called without
+    """``torch`` as the training modules see it in the device test: a tensor factory called without
     ``device=`` builds on the meta device. On a GPU such a tensor lands on the CPU, not on the session's GPU, and
     NCCL cannot reduce it; on a CPU machine the default and the session's device are both the CPU, so without this
     the mistake could not show."""
@@ -293,10 +296,10 @@ def test_every_collective_of_the_training_loop_gets_tensors_on_the_session_devic
     the ZeRO-3 export), one process on gloo, with every collective recorded and tensors built without a device
     put elsewhere (:class:`DefaultDeviceElsewhere`). The metrics all-reduce once built a CPU tensor: on NCCL every
     GPU retrain crashed at its first report."""
-    from shortened.training import loop, session as session_mod
+    from shortened.training import checkpoint, distill, loop, session as session_mod
 
-    monkeypatch.setattr(loop, "torch", DefaultDeviceElsewhere())
-    monkeypatch.setattr(session_mod, "torch", DefaultDeviceElsewhere())
+    for module in (loop, checkpoint, distill, session_mod):
+        monkeypatch.setattr(module, "torch", DefaultDeviceElsewhere())
     s = LocalSession(tmp_path / "run")
     calls = record_collectives(monkeypatch, s.device)
     c = cfg(method="distill", zero_stage=3, train_tokens=SEQ * 2 * 4, report_every_steps=1,
@@ -305,7 +308,8 @@ def test_every_collective_of_the_training_loop_gets_tensors_on_the_session_devic
               teacher=str(tiny_llama_dir)), s)
     ours = [(c["name"], c["caller"]) for c in calls if c["caller"].startswith("shortened.")]
     # per report the metrics all-reduce; per checkpoint the staging check's all-reduce and the session's barrier
-    assert ours.count(("all_reduce", "shortened.training.loop")) == 4 + 2
+    assert ours.count(("all_reduce", "shortened.training.loop")) == 4
+    assert ours.count(("all_reduce", "shortened.training.checkpoint")) == 2
     assert ours.count(("barrier", "shortened.training.session")) == 2
     assert any(c["caller"].startswith("deepspeed") for c in calls)  # DeepSpeed's own (ZeRO-3 gathers) too
     assert all(d == s.device for c in calls for d in c["devices"])
@@ -399,7 +403,7 @@ def test_each_phase_gets_its_methods_zero_stage(caplog, tmp_path):
 # -- checkpoint staging -------------------------------------------------------------------------------------------
 
 def test_checkpoint_size_estimate():
-    from shortened.training.loop import checkpoint_bytes
+    from shortened.training.checkpoint import checkpoint_bytes
 
     def est(p, t, stage, world, precision, **kw):
         return checkpoint_bytes(p, t, zero_stage=stage, world_size=world, precision=precision, **kw)
@@ -436,7 +440,7 @@ def test_checkpoints_stage_in_the_configured_folder_and_short_space_stops_before
                                                                                           monkeypatch):
     import shutil
 
-    from shortened.training.loop import checkpoint_bytes, check_staging_space
+    from shortened.training.checkpoint import check_staging_space, checkpoint_bytes
 
     staging = tmp_path / "nvme" / "staging"  # created when missing
     c = cfg(zero_stage=2, train_tokens=SEQ * 2 * 2, report_every_steps=1, checkpoint_every_tokens=None,

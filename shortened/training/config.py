@@ -25,7 +25,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class LoraSettings(BaseModel):
     """``target_modules`` are roles (q, k, v, o, gate, up, down; Llama's names q_proj … down_proj stand for them)
     or module names of the blocks; each architecture's modules that play the roles are adapted, fused ones included
-    (see :func:`shortened.training.loop.resolve_lora_targets`)."""
+    (see :func:`shortened.training.lora.resolve_lora_targets`)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -109,7 +109,7 @@ class TrainConfig(BaseModel):
     # takes them to storage; None: the system temporary folder (tempfile.gettempdir(), honouring $TMPDIR), often a
     # small container /tmp. A ZeRO checkpoint holds 12 bytes of fp32 master weights and Adam state per trainable
     # parameter (a CPT of 6.7B parameters at ZeRO-3 with 8 GPUs on a node: ~80 GB on that node), so point this at a
-    # large local disk. Free space is checked before every checkpoint (loop.check_staging_space).
+    # large local disk. Free space is checked before every checkpoint (checkpoint.check_staging_space).
     checkpoint_staging_dir: str | None = None
     seed: int = Field(0, ge=0, lt=2**63)
     token_log: bool = False  # audit: each rank logs a hash of every micro-batch it trains on
