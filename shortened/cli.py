@@ -465,7 +465,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def _width_target(args: argparse.Namespace) -> int | None:
     """The parameter count --params or --like asks for (None for --ratio, which needs the model); bad input fails
     here, before the model loads."""
-    from shortened.pruning import check_ratio
+    from shortened.pruning import PRUNING_JSON, check_ratio
 
     if args.ratio is not None:
         check_ratio(args.ratio)
@@ -474,9 +474,9 @@ def _width_target(args: argparse.Namespace) -> int | None:
         return args.params
     if not Path(args.like).is_dir():
         raise ShortenedError(f"--like {args.like}: no such folder")
-    report = Path(args.like) / "pruning.json"
+    report = Path(args.like) / PRUNING_JSON
     if not report.is_file():
-        raise ShortenedError(f"--like {args.like}: no pruning.json there (a folder written by `shortened prune`)")
+        raise ShortenedError(f"--like {args.like}: no {PRUNING_JSON} there (a folder written by `shortened prune`)")
     try:
         return int(json.loads(report.read_text())["params_after"])
     except (ValueError, KeyError, TypeError) as exc:

@@ -18,6 +18,7 @@ from typing import Literal
 
 from shortened.cluster import check_job_paths, check_placement, check_shared_storage, connect
 from shortened.errors import ShortenedError
+from shortened.pruning import PRUNING_JSON
 from shortened.training import identity
 from shortened.training.config import TrainConfig
 from shortened.training.loop import Phase, train_worker
@@ -75,13 +76,13 @@ def find_teacher(model: str, cfg: TrainConfig) -> str:
     """The unpruned model: ``distill.teacher``, else the ``model`` recorded in the pruned folder's pruning.json."""
     if cfg.distill.teacher:
         return cfg.distill.teacher
-    plan = Path(model) / "pruning.json"
+    plan = Path(model) / PRUNING_JSON
     if plan.is_file():
         teacher = json.loads(plan.read_text()).get("model")
         if teacher:
             return teacher
     raise ShortenedError(f"distill needs a teacher: set distill.teacher, or prune {model} with shortened so its "
-                         "pruning.json names the original model")
+                         f"{PRUNING_JSON} names the original model")
 
 
 # -- checks and path resolution at entry ----------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None
     cfg = absolute_data(cfg)
     check_inputs(model, out, cfg, overwrite)
     if cfg.method == "distill":
-        where = "--teacher" if teacher else ("distill.teacher" if cfg.distill.teacher else f"{model}/pruning.json")
+        where = "--teacher" if teacher else ("distill.teacher" if cfg.distill.teacher else f"{model}/{PRUNING_JSON}")
         teacher = resolve_teacher(teacher or find_teacher(model, cfg), where)
     phases = phases_for(model, out, cfg, storage_path, name, teacher)
     records = run_records(phases, scale)
