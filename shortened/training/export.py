@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 
+from shortened.pruning import PRUNING_JSON
 from shortened.training.phase import Phase, build_model
+
+RETRAINING_JSON = "retraining.json"  # beside every retrained model: what each phase ran (retraining_record)
 
 
 def export(engine, phase: Phase, rank: int, history: list[dict], world_size: int = 1,
@@ -46,10 +49,10 @@ def export(engine, phase: Phase, rank: int, history: list[dict], world_size: int
     saved = save_pretrained_as(model, staging, resolve_save_dtype(phase.train.save_dtype, phase.model,
                                                                   fallback=trained_in), in_place=True)
     load_tokenizer(phase.model).save_pretrained(staging)
-    plan = Path(phase.model) / "pruning.json"
+    plan = Path(phase.model) / PRUNING_JSON
     if plan.is_file():
-        shutil.copy(plan, staging / "pruning.json")
-    (staging / "retraining.json").write_text(json.dumps({**retraining_record(phase, history, world_size, targets,
+        shutil.copy(plan, staging / PRUNING_JSON)
+    (staging / RETRAINING_JSON).write_text(json.dumps({**retraining_record(phase, history, world_size, targets,
                                                                              zero), "saved_dtype": saved}, indent=2))
     publish_dir(staging, out)
 
@@ -69,7 +72,7 @@ def retraining_record(phase: Phase, history: list[dict], world_size: int, lora_t
         this["lora_targets"] = lora
     phases = []
     for folder in phase.earlier:
-        earlier = Path(folder) / "retraining.json"
+        earlier = Path(folder) / RETRAINING_JSON
         if earlier.is_file():
             phases += json.loads(earlier.read_text()).get("phases", [])
     phases.append(this)
