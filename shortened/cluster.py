@@ -10,10 +10,14 @@ import os
 import socket
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 from urllib.parse import urlparse
 
-from shortened.errors import ShortenedError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shortened.errors import ShortenedError, validation_message
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +25,63 @@ JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a `ray jo
 CONNECT_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 120.0
 UNREACHABLE_HINT = "Is the cluster up (`ray status`, `cluster/local.sh status`), and its GCS port open from here?"
+
+
+Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+WorkerCount = Annotated[int, Field(ge=1)]
+
+
+class ScaleConfig(BaseModel):
+    """How many Ray Train workers, what each holds and how Ray places them: the one model of worker scale (a
+    retraining's flags, and a sweep's ``resources``, which extends it). Built directly, a bad value is a
+    ShortenedError naming the field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_workers: WorkerCount = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0, allow_inf_nan=False)
+    gpus_per_worker: float = Field(1, gt=0, allow_inf_nan=False)
+    placement_strategy: Placement = "PACK"
+
+    def __init__(self, **fields) -> None:
+        try:
+            super().__init__(**fields)
+        except ValidationError as exc:
+            raise ShortenedError(validation_message(exc, "worker scale")) from exc
+
+    @field_validator("num_workers", "cpus_per_worker", "gpus_per_worker", mode="before")
+    @classmethod
+    def _not_bool(cls, v):
+        if isinstance(v, bool):  # True is no worker count
+            raise ValueError("needs a number, not a boolean")
+        return v
+
+    def worker_bundle(self) -> dict[str, float]:
+        """The resources one worker holds (Ray Train's ``resources_per_worker``)."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
+
+    def worker_scale(self) -> ScaleConfig:
+        """These fields alone, as a plain ScaleConfig (a sweep's ``resources`` carries more)."""
+        return ScaleConfig.model_construct(**{f: getattr(self, f) for f in ScaleConfig.model_fields})
+
+    def check_placement(self) -> None:
+        """Fail fast when the cluster can never place these workers (see :func:`check_placement`)."""
+        check_placement(self.num_workers, self.worker_bundle(), self.placement_strategy)
+
+
+@dataclass(frozen=True)
+class ClusterChecked:
+    """What a driver verified once about the Ray cluster before starting work that retrains: it answered, every
+    node writes and shares ``storage_path``, and it can place ``scale``'s workers. Retraining handed one that covers
+    its run skips those checks (a sweep's trials would otherwise repeat them, a storage probe per node each)."""
+
+    storage_path: str
+    scale: ScaleConfig
+
+    def covers(self, storage_path: str | Path, scale: ScaleConfig) -> bool:
+        return (Path(storage_path).resolve().is_relative_to(Path(self.storage_path).resolve())
+                and scale.worker_scale() == self.scale.worker_scale())
 
 
 def in_ray_job() -> bool:

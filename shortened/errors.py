@@ -12,11 +12,16 @@ def validated(cls, fields: dict, what: str):
     try:
         return cls.model_validate(fields)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(map(str, err["loc"])) or "(top level)"
-        value = f" (got {err['input']!r})" if err.get("type") != "missing" and not isinstance(err.get("input"), dict) \
-            else ""
-        raise ShortenedError(f"bad {what} {loc}: {err['msg']}{value}") from exc
+        raise ShortenedError(validation_message(exc, what)) from exc
+
+
+def validation_message(exc, what: str) -> str:
+    """``bad WHAT FIELD: PROBLEM (got VALUE)`` for the first error of a pydantic ValidationError."""
+    err = exc.errors()[0]
+    loc = ".".join(map(str, err["loc"])) or "(top level)"
+    value = f" (got {err['input']!r})" if err.get("type") != "missing" and not isinstance(err.get("input"), dict) \
+        else ""
+    return f"bad {what} {loc}: {err['msg']}{value}"
 
 
 class Interrupted(ShortenedError):

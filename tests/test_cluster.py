@@ -16,7 +16,7 @@ import psutil
 import pytest
 import yaml
 
-from shortened.cluster import _probe, placement_problem
+from shortened.cluster import ClusterChecked, ScaleConfig, _probe, placement_problem
 from shortened.paths import REPO_ROOT, shared_data_dir
 from shortened.sweep.store import ResultsStore
 from shortened.training.audit import trained_tokens
@@ -43,6 +43,42 @@ def test_placement_is_judged_per_node():
     assert "fit 5" in placement_problem(6, {"CPU": 1}, "PACK", nodes)
     assert "largest fits 2" in placement_problem(3, {"CPU": 1}, "STRICT_PACK", nodes)
     assert "GPU: 0" in placement_problem(1, {"CPU": 1, "GPU": 1}, "PACK", nodes)
+
+
+def test_retrain_told_what_was_checked_skips_the_cluster_checks(tmp_path, tiny_llama_dir, monkeypatch):
+    """A sweep's driver checks the cluster once; a trial's retraining, handed what was checked, does not connect,
+    judge placement or probe every node's storage again (and does all three when not told, or told about another
+    storage path or scale)."""
+    import shortened.cluster
+    from shortened.data import DataConfig
+    from shortened.training import retrain as rt
+    from shortened.training.config import TrainConfig
+
+    calls = []
+    monkeypatch.setattr(rt, "connect", lambda address=None: calls.append("connect"))
+    monkeypatch.setattr(shortened.cluster, "check_placement", lambda *a: calls.append("placement"))
+    monkeypatch.setattr(rt, "check_shared_storage", lambda path: calls.append("storage"))
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args):  # the first step after the checks: no Ray Train run here
+        raise Stop
+
+    monkeypatch.setattr(rt.identity, "write_record", stop)
+    scale = ScaleConfig(num_workers=1)
+    cfg = TrainConfig(train_tokens=256, data=DataConfig(seq_len=64))
+    storage = tmp_path / "exp" / "train"
+    for checked, expected in [(None, ["connect", "placement", "storage"]),
+                              (ClusterChecked(str(tmp_path / "exp"), scale), []),
+                              (ClusterChecked(str(tmp_path / "other"), scale), ["connect", "placement", "storage"]),
+                              (ClusterChecked(str(tmp_path / "exp"), ScaleConfig(num_workers=2)),
+                               ["connect", "placement", "storage"])]:
+        calls.clear()
+        with pytest.raises(Stop):
+            rt.retrain(str(tiny_llama_dir), str(tmp_path / "out"), cfg, storage_path=str(storage), name="t",
+                       scale=scale, checked=checked)
+        assert calls == expected, checked
 
 
 def test_storage_probe_tells_unwritable_from_unshared(tmp_path):

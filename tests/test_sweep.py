@@ -97,7 +97,7 @@ def test_grid_specs_and_concurrency(tmp_path):
     assert concurrency(cfg, {"CPU": 2.0}) == 2  # (0.05 + 0.95) × 2
     assert concurrency(cfg, {"CPU": 16.0}) == 16
     gpu = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={
-        "use_gpu": True, "workers_per_trial": 4, "cpus_per_worker": 2})})
+        "use_gpu": True, "num_workers": 4, "cpus_per_worker": 2})})
     assert concurrency(gpu, {"CPU": 64.0, "GPU": 8.0}) == 2  # GPUs bound it: 4 per trial
     with pytest.raises(ShortenedError, match="one trial needs 8.05 CPUs and 4 GPUs"):
         concurrency(gpu, {"CPU": 64.0, "GPU": 2.0})

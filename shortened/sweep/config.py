@@ -11,8 +11,9 @@ import re
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from shortened.cluster import ScaleConfig, WorkerCount
 from shortened.criteria import CRITERIA
 from shortened.data.calibration import CalibrationConfig
 from shortened.evaluation import EvalConfig
@@ -25,24 +26,28 @@ SWEEP_METHODS: tuple[str, ...] = get_args(SweepMethod)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
-class Resources(BaseModel):
-    """Per-trial resources. A trial's driver holds ``driver_cpus`` for its whole life; its Ray Train workers, and its
-    prune/evaluate task, take the rest, one at a time. Concurrency defaults to what the cluster fits."""
+class Resources(ScaleConfig):
+    """Per-trial resources: the worker scale of the trial's retraining (:class:`~shortened.cluster.ScaleConfig`,
+    whose ``num_workers`` is spelled ``workers_per_trial`` here), plus what the rest of a trial holds. A trial's
+    driver holds ``driver_cpus`` for its whole life; its Ray Train workers, and its prune/evaluate task, take the
+    rest, one at a time. Concurrency defaults to what the cluster fits."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    __init__ = BaseModel.__init__  # a bad value is located in the sweep config (resources.FIELD), not re-raised
 
-    workers_per_trial: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
-    gpus_per_worker: float = Field(1, gt=0)
+    num_workers: WorkerCount = Field(1, alias="workers_per_trial")
     task_cpus: float | None = Field(None, gt=0)  # prune/evaluate task; default: a worker's CPUs
     task_gpus: float | None = Field(None, ge=0)  # default: one worker's GPUs when use_gpu
     driver_cpus: float = Field(0.05, gt=0, le=1)  # the Tune trial itself only waits on its tasks
     max_concurrent_trials: int | None = Field(None, ge=1)  # default: as many as the cluster fits
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # restarts of a trial's Ray Train workers (from the last checkpoint), and retries of a trial whose driver died
     # with its node (finished stages are kept; training resumes from its checkpoint)
     max_failures: int = Field(0, ge=0)
+
+    @model_serializer(mode="wrap")
+    def _yaml_names(self, handler) -> dict:
+        """Dumped (sweep.json, the store) with the names the YAML uses."""
+        return {("workers_per_trial" if k == "num_workers" else k): v for k, v in handler(self).items()}
 
     @property
     def task_cpu(self) -> float:
@@ -56,8 +61,8 @@ class Resources(BaseModel):
 
     def trial_peak(self) -> tuple[float, float]:
         """(CPUs, GPUs) one trial holds at its busiest: its driver plus its workers or its task."""
-        cpu = self.driver_cpus + max(self.workers_per_trial * self.cpus_per_worker, self.task_cpu)
-        gpu = max(self.workers_per_trial * self.gpus_per_worker if self.use_gpu else 0.0, self.task_gpu)
+        cpu = self.driver_cpus + max(self.num_workers * self.cpus_per_worker, self.task_cpu)
+        gpu = max(self.num_workers * self.gpus_per_worker if self.use_gpu else 0.0, self.task_gpu)
         return cpu, gpu
 
 

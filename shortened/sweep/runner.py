@@ -23,7 +23,7 @@ from shortened.sweep.lock import ExperimentLock
 from shortened.sweep.selection import Choice, lower_is_better, metric_value, select, within
 from shortened.sweep.store import ResultsStore
 from shortened.sweep.trial import (DENSE, RESULT_JSON, TrialSpec, compute_scores, grid_specs, longest_first, run_trial,
-                                   scores_path, speed_stage, trial_dir, trial_scale)
+                                   scores_path, speed_stage, trial_dir)
 
 log = logging.getLogger(__name__)
 SWEEP_JSON = "sweep.json"
@@ -99,12 +99,9 @@ def preflight(cfg: SweepConfig) -> None:
 def check_trial_fits(cfg: SweepConfig) -> None:
     """Per node, not just in total: a trial's training workers (with their placement strategy) and its prune/evaluate
     task must each be placeable, or Ray would wait for them forever."""
-    from shortened.training.retrain import worker_bundle  # (imports the training stack)
-
-    if any(m != "none" for m in cfg.methods):
-        scale = trial_scale(cfg)
-        check_placement(scale.num_workers, worker_bundle(scale), scale.placement_strategy)
     r = cfg.resources
+    if any(m != "none" for m in cfg.methods):
+        r.check_placement()
     check_placement(1, {"CPU": r.task_cpu, "GPU": r.task_gpu})
 
 
@@ -158,7 +155,7 @@ def check_train_runs(cfg: SweepConfig) -> None:
     train = cfg.experiment_dir() / "train"
     if not train.is_dir():
         return
-    want = cfg.resources.workers_per_trial
+    want = cfg.resources.num_workers
     bad = []
     for run_dir in sorted(d for d in train.iterdir() if d.is_dir()):
         keys = {run_dir.name, run_dir.name.rsplit("-", 1)[0]}  # cpt+lora trials run KEY-cpt and KEY-lora

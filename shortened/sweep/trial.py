@@ -20,7 +20,7 @@ from shortened.io import write_json_atomic
 from shortened.sweep.config import SweepConfig, SweepMethod
 
 if TYPE_CHECKING:
-    from shortened.training.retrain import ScaleConfig
+    from shortened.cluster import ScaleConfig
 
 DENSE = "dense"
 RESULT_JSON = "result.json"
@@ -240,12 +240,8 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, run_task: RunTask = inline,
 
 
 def trial_scale(cfg: SweepConfig) -> ScaleConfig:
-    """The Ray Train scale of a trial's retraining, from the config's resources."""
-    from shortened.training.retrain import ScaleConfig
-
-    r = cfg.resources
-    return ScaleConfig(num_workers=r.workers_per_trial, use_gpu=r.use_gpu, cpus_per_worker=r.cpus_per_worker,
-                       gpus_per_worker=r.gpus_per_worker, placement_strategy=r.placement_strategy)
+    """The Ray Train scale of a trial's retraining: the config's resources (a ScaleConfig) without their rest."""
+    return cfg.resources.worker_scale()
 
 
 def _retrain(cfg: SweepConfig, spec: TrialSpec, pruned: str, out: str, worker_env: dict[str, str] | None) -> int:

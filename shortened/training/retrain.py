@@ -4,7 +4,9 @@ Everything that can be checked before workers start is checked here, once, at en
 data, output, storage) are made absolute, the model folder must hold a config, weights and a tokenizer, the teacher
 must be readable, the data source must list, the output folder must be free, the run name must not belong to another
 retraining (nor to another worker count; see :mod:`~shortened.training.identity`), the cluster must answer, every
-node must share the storage path, and the cluster must be able to place the workers.
+node must share the storage path, and the cluster must be able to place the workers (these last three once per
+driver: a caller that checked them, such as a sweep, says so with ``checked``). The worker scale is
+:class:`shortened.cluster.ScaleConfig`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from shortened.cluster import check_job_paths, check_placement, check_shared_storage, connect
+from shortened.cluster import ClusterChecked, ScaleConfig, check_job_paths, check_shared_storage, connect
 from shortened.errors import ShortenedError
 from shortened.pruning import PRUNING_JSON
 from shortened.training import identity
@@ -24,31 +25,6 @@ from shortened.training.config import TrainConfig
 from shortened.training.loop import Phase, train_worker
 
 log = logging.getLogger(__name__)
-PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-
-
-@dataclass
-class ScaleConfig:
-    """How many Ray Train workers, and what each holds. Checked when built: a bad value is a ShortenedError."""
-
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1
-    gpus_per_worker: float = 1
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-
-    def __post_init__(self) -> None:
-        def bad(what: str, value) -> ShortenedError:
-            return ShortenedError(f"bad retrain scale {what} (got {value!r})")
-
-        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 1:
-            raise bad("num_workers (--workers): needs an integer >= 1", self.num_workers)
-        for name in ("cpus_per_worker", "gpus_per_worker"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
-                raise bad(f"{name}: needs a number > 0", v)
-        if self.placement_strategy not in PLACEMENT:
-            raise bad(f"placement_strategy: one of {', '.join(PLACEMENT)}", self.placement_strategy)
 
 
 @dataclass
@@ -62,7 +38,7 @@ def phases_for(model: str, out: str, cfg: TrainConfig, storage_path: str, name: 
                teacher: str | None = None) -> list[Phase]:
     """``cpt+lora`` is CPT exported to ``{storage}/{name}-cpt/model``, then LoRA on it; others one phase."""
     if cfg.method == "cpt+lora":
-        mid = str(Path(storage_path) / f"{name}-cpt" / "model")
+        mid = str(cpt_export(storage_path, name))
         return [Phase(method="cpt", model=model, out=mid, tokens=cfg.train_tokens, train=cfg, run=f"{name}-cpt"),
                 Phase(method="lora", model=mid, out=out, tokens=cfg.lora.train_tokens or cfg.train_tokens,
                       train=cfg, run=f"{name}-lora", earlier=[mid])]
@@ -70,6 +46,11 @@ def phases_for(model: str, out: str, cfg: TrainConfig, storage_path: str, name: 
         return [Phase(method="distill", model=model, out=out, tokens=cfg.train_tokens, train=cfg, run=name,
                       teacher=teacher or find_teacher(model, cfg))]
     return [Phase(method=cfg.method, model=model, out=out, tokens=cfg.train_tokens, train=cfg, run=name)]
+
+
+def cpt_export(storage_path: str | Path, name: str) -> Path:
+    """Where ``cpt+lora``'s CPT phase exports the model its LoRA phase starts from: beside the runs."""
+    return Path(storage_path) / f"{name}-cpt" / "model"
 
 
 def find_teacher(model: str, cfg: TrainConfig) -> str:
@@ -160,10 +141,6 @@ def check_inputs(model: str, out: str, cfg: TrainConfig, overwrite: bool) -> Non
         raise ShortenedError(f"output folder {out!r} is not empty (use --overwrite to replace it)")
 
 
-def worker_bundle(scale: ScaleConfig) -> dict[str, float]:
-    return {"CPU": scale.cpus_per_worker, **({"GPU": scale.gpus_per_worker} if scale.use_gpu else {})}
-
-
 def run_records(phases: list[Phase], scale: ScaleConfig) -> list[dict]:
     """The identity record of each phase's Ray Train run (a later phase's model is the earlier phase's output, so
     its fingerprint is the earlier run's identity)."""
@@ -185,9 +162,11 @@ def run_records(phases: list[Phase], scale: ScaleConfig) -> list[dict]:
 def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None = None, storage_path: str,
             name: str, max_failures: int = 0, overwrite: bool = False, teacher: str | None = None,
             worker_env: dict[str, str] | None = None, address: str | None = None,
-            workers_hint: str = "--workers") -> RetrainResult:
+            workers_hint: str = "--workers", checked: ClusterChecked | None = None) -> RetrainResult:
     """Run every phase with Ray Train; re-running with the same ``name`` and ``storage_path`` resumes (only the same
-    retraining, with the same worker count: anything else is refused before workers start)."""
+    retraining, with the same worker count: anything else is refused before workers start). ``checked``: what the
+    caller already verified about the cluster (a sweep's driver, once for every trial); when it covers this
+    storage path and scale, the connection, placement and shared-storage checks are not run again."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -208,9 +187,10 @@ def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None
     records = run_records(phases, scale)
     for phase, record in zip(phases, records):
         identity.check_run(Path(storage_path) / phase.run, record, workers_hint)
-    connect(address)
-    check_placement(scale.num_workers, worker_bundle(scale), scale.placement_strategy)
-    check_shared_storage(storage_path)
+    if checked is None or not checked.covers(storage_path, scale):
+        connect(address)
+        scale.check_placement()
+        check_shared_storage(storage_path)
     results = []
     for phase, record in zip(phases, records):
         identity.write_record(Path(storage_path) / phase.run, record)
@@ -218,7 +198,7 @@ def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None
             train_worker, train_loop_config=phase.model_dump(),
             scaling_config=ScalingConfig(
                 num_workers=scale.num_workers, use_gpu=scale.use_gpu,
-                resources_per_worker=worker_bundle(scale),
+                resources_per_worker=scale.worker_bundle(),
                 placement_strategy=scale.placement_strategy),
             run_config=RunConfig(name=phase.run, storage_path=storage_path,
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
