@@ -1,13 +1,18 @@
 """Small file helpers: atomic writes, so a failure never leaves a half-written result behind; model folders staged
-and published in one step, their weights written in the dtype asked for (the source model's by default)."""
+and published in one step, their weights written in the dtype asked for (the source model's by default).
+
+The two ways to write atomically, used everywhere: a file through :func:`write_text_atomic` (or
+:func:`write_json_atomic`), a folder through :func:`staged_dir` (written in a staging folder beside it, then
+:func:`publish_dir`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from shortened.errors import ShortenedError
@@ -36,12 +41,14 @@ def dir_mode() -> int:
     return 0o777 & ~umask()
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+def write_text_atomic(path: str | Path, text: str, *, parents: bool = True) -> None:
     """Write text through a temporary file beside ``path``, renamed into place, so an interruption leaves the old
     file or the new one, never half of one; the file gets the umask's mode (``mkstemp`` alone would leave it
-    0600, unreadable by the rest of a team on shared storage)."""
+    0600, unreadable by the rest of a team on shared storage). ``parents``: create the folders above ``path``
+    (False: a missing folder is an OSError, as for ``open``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -295,20 +302,30 @@ def save_model_dir(out: str | Path, model, tokenizer=None, *, report_name: str, 
     ``verify(staging)`` runs on the complete staging folder before it is published; whatever it raises removes
     the staging folder and propagates, so a folder that fails the check never appears at ``out``."""
     out = check_output(out, kind="dir", overwrite=overwrite, create=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_staging_dir(out)
-    try:
+    with staged_dir(out) as staging:
         saved = save_pretrained_as(model, staging, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         write_json_atomic(staging / report_name, {**report, "saved_dtype": saved})
         if verify is not None:
             verify(staging)
-        publish_dir(staging, out)
+    return out
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | Path) -> Iterator[Path]:
+    """``with staged_dir(out) as staging:`` write a folder's contents into ``staging``, a fresh folder beside
+    ``out`` (:func:`make_staging_dir`); when the block ends it is published as ``out`` in one step
+    (:func:`publish_dir`), and when the block raises it is removed: a failure leaves no partial folder at ``out``."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_staging_dir(final)
+    try:
+        yield staging
+        publish_dir(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out
 
 
 def publish_dir(staging: Path, final: Path) -> None:

@@ -242,15 +242,14 @@ def materialize(spec: str, out: str | Path, *, gguf_file: str | None = None, sav
     ``auto`` is the source's (:func:`shortened.io.source_dtype`: a bf16 hub model stays bf16, a quantized GGUF such
     as SmolLM2's Q4_1 is dequantized to float32). Raises :class:`ShortenedError` for another ``save_dtype`` or a
     model that cannot be read."""
-    from shortened.io import resolve_save_dtype, save_pretrained_as
+    from shortened.io import resolve_save_dtype, save_pretrained_as, staged_dir
 
     out = Path(out)
     if (out / "config.json").is_file():
         return out
-    tmp = out.with_name(f".{out.name}.tmp")
     dtype = resolve_save_dtype(save_dtype, spec, gguf_file)
     model = load_model(spec, gguf_file=gguf_file, device="cpu", dtype=str(dtype).removeprefix("torch."))
-    save_pretrained_as(model, tmp, dtype)
-    load_tokenizer(spec, gguf_file=gguf_file).save_pretrained(tmp)
-    tmp.rename(out)
+    with staged_dir(out) as staging:  # published whole, or not at all
+        save_pretrained_as(model, staging, dtype)
+        load_tokenizer(spec, gguf_file=gguf_file).save_pretrained(staging)
     return out

@@ -370,6 +370,31 @@ def test_ctrl_c_while_saving_leaves_no_half_written_folder(tiny_llama_dir, tmp_p
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its staging copy
 
 
+def test_folders_and_files_are_written_one_way(tmp_path):
+    """io.staged_dir is how a folder is written (model folders, materialize, the retrained export): published whole
+    when its block ends, removed when it raises; io.write_text_atomic is how a file is (parents=False: a missing
+    folder is an error, as for open)."""
+    from shortened.io import staged_dir, write_text_atomic
+
+    out = tmp_path / "f"
+    with staged_dir(out) as staging:
+        (staging / "a").write_text("1")
+        assert not out.exists()
+    assert (out / "a").read_text() == "1"
+    with pytest.raises(RuntimeError), staged_dir(out) as staging:
+        (staging / "a").write_text("2")
+        raise RuntimeError("fails half way")
+    assert (out / "a").read_text() == "1" and [p.name for p in tmp_path.iterdir()] == ["f"]
+    with staged_dir(out) as staging:
+        (staging / "b").write_text("3")
+    assert [p.name for p in out.iterdir()] == ["b"] and [p.name for p in tmp_path.iterdir()] == ["f"]
+    with pytest.raises(FileNotFoundError):
+        write_text_atomic(tmp_path / "missing" / "x", "1", parents=False)
+    assert not (tmp_path / "missing").exists()
+    write_text_atomic(tmp_path / "made" / "x", "1")
+    assert (tmp_path / "made" / "x").read_text() == "1"
+
+
 def test_a_closed_pipe_ends_quietly_in_a_real_process(tmp_path):
     import subprocess
 

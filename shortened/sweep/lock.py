@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 from shortened.errors import ShortenedError
+from shortened.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 LOCK_NAME = "driver.lock"
@@ -160,10 +161,8 @@ class ExperimentLock:
                 log.error("%s: the lock %s was taken over by %s; this driver no longer holds it", self.what,
                           self.path, self.describe(current))
                 return
-            tmp = self.path.with_name(f".{LOCK_NAME}.{self.token}")
             try:
-                tmp.write_text(json.dumps(self._record()))
-                os.replace(tmp, self.path)
+                write_text_atomic(self.path, json.dumps(self._record()), parents=False)
             except OSError as exc:
                 log.warning("%s: could not refresh the lock heartbeat: %s", self.what, exc)
 

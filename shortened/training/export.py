@@ -5,7 +5,6 @@ beside it."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -21,7 +20,7 @@ def export(engine, phase: Phase, rank: int, history: list[dict], world_size: int
            zero: dict | None = None) -> None:
     """One Hugging Face checkpoint on rank 0 (ZeRO-3 shards gathered; LoRA merged), pruning plan beside it;
     ``zero`` (the ZeRO stage and offloads the phase ran with) goes into ``retraining.json``."""
-    from shortened.io import publish_dir, resolve_save_dtype, save_pretrained_as
+    from shortened.io import resolve_save_dtype, save_pretrained_as, staged_dir, write_json_atomic
     from shortened.models import load_tokenizer
 
     if engine.zero_optimization_partition_weights():
@@ -42,19 +41,17 @@ def export(engine, phase: Phase, rank: int, history: list[dict], world_size: int
     targets = getattr(model, "shortened_lora_targets", None)
     if phase.method == "lora":
         model = model.merge_and_unload()
-    staging = out.parent / f".{out.name}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    # in the --model folder's dtype (a pruned bf16 model is exported in bf16), else the training dtype; LoRA is
-    # merged in fp32 above and cast once here, in place (the copy is thrown away)
-    saved = save_pretrained_as(model, staging, resolve_save_dtype(phase.train.save_dtype, phase.model,
-                                                                  fallback=trained_in), in_place=True)
-    load_tokenizer(phase.model).save_pretrained(staging)
-    plan = Path(phase.model) / PRUNING_JSON
-    if plan.is_file():
-        shutil.copy(plan, staging / PRUNING_JSON)
-    (staging / RETRAINING_JSON).write_text(json.dumps({**retraining_record(phase, history, world_size, targets,
-                                                                             zero), "saved_dtype": saved}, indent=2))
-    publish_dir(staging, out)
+    with staged_dir(out) as staging:  # published whole, or not at all
+        # in the --model folder's dtype (a pruned bf16 model is exported in bf16), else the training dtype; LoRA is
+        # merged in fp32 above and cast once here, in place (the copy is thrown away)
+        saved = save_pretrained_as(model, staging, resolve_save_dtype(phase.train.save_dtype, phase.model,
+                                                                      fallback=trained_in), in_place=True)
+        load_tokenizer(phase.model).save_pretrained(staging)
+        plan = Path(phase.model) / PRUNING_JSON
+        if plan.is_file():
+            shutil.copy(plan, staging / PRUNING_JSON)
+        write_json_atomic(staging / RETRAINING_JSON, {**retraining_record(phase, history, world_size, targets, zero),
+                                                      "saved_dtype": saved})
 
 
 def retraining_record(phase: Phase, history: list[dict], world_size: int, lora_targets: dict | None = None,

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from shortened.cluster import node_id
+from shortened.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,7 @@ def maybe_fail(rank: int, step: int) -> None:
     if rank != int(fault_rank) or step != int(fault_step) or os.path.exists(marker):
         return
     if action == "hold":
-        tmp = f"{marker}.tmp"
-        Path(tmp).write_text(json.dumps({"pid": os.getpid(), "node": node_id(), "step": step}))
-        os.replace(tmp, marker)
+        write_text_atomic(marker, json.dumps({"pid": os.getpid(), "node": node_id(), "step": step}), parents=False)
         log.warning("fault injection: rank %d (pid %d) holds after step %d for its node to be killed", rank,
                     os.getpid(), step)
         time.sleep(600)
