@@ -103,6 +103,24 @@ def test_calibration_config_ranges_and_unknown_fields():
     assert CalibrationConfig(split="validation").split == "validation"
 
 
+def test_every_config_model_refuses_unknown_fields():
+    """A misspelt field (``calibration: {n_sample: 5}``) is an error in every pydantic model of shortened, never a
+    setting silently dropped."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from pydantic import BaseModel
+
+    import shortened
+
+    models = {c for info in pkgutil.walk_packages(shortened.__path__, "shortened.")
+              for c in vars(importlib.import_module(info.name)).values()
+              if inspect.isclass(c) and issubclass(c, BaseModel) and c.__module__.startswith("shortened.")}
+    assert {"CalibrationConfig", "DataConfig", "TrainConfig", "SweepConfig", "EvalConfig"} <= {c.__name__ for c in models}
+    assert [c.__name__ for c in models if c.model_config.get("extra") != "forbid"] == []
+
+
 def test_sweep_yaml_refuses_a_misspelt_calibration_field(tmp_path):
     from shortened.sweep import load_sweep_config
 

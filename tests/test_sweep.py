@@ -55,6 +55,7 @@ def write_yaml(path: Path, cfg: dict) -> Path:
     ({"selection": {"metric": "ppl:ptb"}}, "selection.metric"),
     ({"search": "bisect"}, "search: bisect searches one criterion and one method"),
     ({"colour": "blue"}, "colour"),
+    ({"calibration": {"n_sample": 5}}, "calibration.n_sample"),  # a misspelt field is refused, not dropped
     ({"train": {"train_tokens": 64, "attn_implementation": "eager"}}, "set attn_implementation at the top level"),
 ])
 def test_bad_config_names_the_field_and_creates_nothing(tmp_path, change, field):
