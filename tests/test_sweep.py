@@ -18,8 +18,9 @@ from shortened.cli import main
 from shortened.errors import ShortenedError
 from shortened.sweep import Selection, SweepConfig, load_sweep_config
 from shortened.sweep.selection import pareto_front, select
+from shortened.sweep.layout import LOCK_NAME, ExperimentLayout
 from shortened.sweep.store import ResultsStore
-from shortened.sweep.trial import grid_specs, longest_first
+from shortened.sweep.trial import TrialResult, TrialSpec, TrialTimings, grid_specs, longest_first
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -86,7 +87,7 @@ def test_bad_inputs_fail_before_ray_starts(tmp_path, tiny_llama_dir):
 
 
 def test_grid_specs_and_concurrency(tmp_path):
-    from shortened.sweep.runner import concurrency
+    from shortened.sweep.preflight import concurrency
 
     cfg = SweepConfig.model_validate(tiny_sweep(tmp_path, tmp_path, criteria=["ppl", "taylor"], blocks=None,
                                                 ratios=[0.35, 0.2, 0.2]))
@@ -187,13 +188,71 @@ def test_store_upserts_are_idempotent(tmp_path):
         ResultsStore("nosuchdialect://x")
 
 
+# -- the trial boundary: TrialResult, the layout, the worker scale ---------------------------------------------------
+
+def test_trial_result_round_trips_and_reads_older_results(tmp_path):
+    spec = TrialSpec(method="cpt", criterion="ppl", blocks=2)
+    metrics = [{"name": "ppl", "dataset": "wikitext2", "value": 12.5, "protocol": "paper-128"}]
+    result = TrialResult(key=spec.key, spec=spec, model_path="/m", num_blocks=6, removed_blocks=[3, 4],
+                         blocks_requested=2, params=80, params_before=100, ratio_actual=0.2, tokens_trained=512,
+                         timings=TrialTimings(prune_s=1.0, train_s=2.0, eval_s=3.0, total_s=6.5), metrics=metrics)
+    result.save(tmp_path / "result.json")
+    assert TrialResult.load(tmp_path / "result.json") == result
+    assert TrialResult.model_validate_json(str(result)) == result  # what Tune's own log holds of a reported result
+    # a result.json written before TrialResult ({"row": ..., "metrics": ...}): a resumed older sweep reads it
+    assert TrialResult.model_validate({"row": result.row(), "metrics": metrics}) == result
+    by_ratio = TrialSpec(method="none", criterion="ppl", ratio=0.2)
+    old = {"row": {**result.row(), "key": by_ratio.key, "method": "none", "ratio": 0.2}, "metrics": metrics}
+    assert TrialResult.model_validate(old).spec == by_ratio
+    with pytest.raises(ValueError, match="not its spec's"):
+        TrialResult.model_validate({**result.model_dump(), "key": "other"})
+    # the store takes it as it is
+    store = ResultsStore(f"sqlite:///{tmp_path / 'r.db'}")
+    store.ensure_experiment("e", {}, str(tmp_path))
+    store.record_result("e", result, tune_trial_id="t1")
+    stored = store.trials("e")[0]
+    assert {k: stored[k] for k in result.row()} == result.row() and stored["tune_trial_id"] == "t1"
+    assert stored["metrics"] == metrics
+
+
+def test_layout_owns_every_path_of_an_experiment(tmp_path):
+    cfg = SweepConfig.model_validate(tiny_sweep(tmp_path / "model", tmp_path / "runs"))
+    exp = (tmp_path / "runs" / "tiny").resolve()
+    layout = cfg.layout
+    assert layout == ExperimentLayout(exp) == ExperimentLayout.of(tmp_path / "runs", "tiny")
+    assert cfg.resolved_store_url() == layout.store_url == f"sqlite:///{exp / 'results.db'}"
+    assert [layout.sweep_json, layout.lock, layout.selection_json, layout.report, layout.train, layout.tune] == \
+        [exp / "sweep.json", exp / "driver.lock", exp / "selection.json", exp / "report", exp / "train", exp / "tune"]
+    assert [layout.scores("ppl"), layout.result_json("k"), layout.eval_json("k"), layout.speed(6)] == \
+        [exp / "scores" / "ppl.json", exp / "trials/k/result.json", exp / "trials/k/eval.json", exp / "speed/blocks6.json"]
+    assert layout.evaluated_model("k", retrained=False) == layout.pruned("k") == exp / "trials/k/pruned"
+    assert layout.evaluated_model("k", retrained=True) == layout.trained("k") == exp / "trials/k/model"
+
+
+def test_resources_are_the_worker_scale_under_the_yaml_names(tmp_path):
+    from shortened.cluster import ClusterChecked, ScaleConfig
+
+    cfg = SweepConfig.model_validate(tiny_sweep(tmp_path, tmp_path, resources={
+        "workers_per_trial": 2, "cpus_per_worker": 0.5, "use_gpu": True, "driver_cpus": 0.1}))
+    r = cfg.resources
+    assert isinstance(r, ScaleConfig) and r.num_workers == 2 and r.worker_bundle() == {"CPU": 0.5, "GPU": 1}
+    assert r.worker_scale() == ScaleConfig(num_workers=2, cpus_per_worker=0.5, use_gpu=True)
+    dumped = cfg.model_dump(mode="json")["resources"]  # sweep.json and the store keep the YAML's names
+    assert dumped["workers_per_trial"] == 2 and "num_workers" not in dumped
+    assert SweepConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+    checked = ClusterChecked(str(tmp_path), r.worker_scale())
+    assert checked.covers(tmp_path / "tiny" / "train", r)
+    assert not checked.covers(tmp_path / "tiny", ScaleConfig(num_workers=1)) and not checked.covers("/elsewhere", r)
+
+
 # -- one driver per experiment; resume checks; interruption ---------------------------------------------------------
 
 HOLD = """
 import sys, time
 from pathlib import Path
+from shortened.sweep.layout import ExperimentLayout
 from shortened.sweep.lock import ExperimentLock
-ExperimentLock(Path(sys.argv[1]), "experiment").acquire()
+ExperimentLock(ExperimentLayout(Path(sys.argv[1])).lock, "experiment").acquire()
 print("held", flush=True)
 time.sleep(600)
 """
@@ -202,11 +261,11 @@ time.sleep(600)
 def test_a_second_driver_is_refused_and_a_dead_one_taken_over(tmp_path, tiny_llama_dir):
     import ray
 
-    from shortened.sweep.lock import LOCK_NAME, ExperimentLock
+    from shortened.sweep.lock import ExperimentLock
     from shortened.sweep.runner import run_sweep
 
     cfg = SweepConfig.model_validate(tiny_sweep(tiny_llama_dir, tmp_path / "runs"))
-    exp = cfg.experiment_dir()
+    exp = cfg.layout.root
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(exp)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -220,16 +279,16 @@ def test_a_second_driver_is_refused_and_a_dead_one_taken_over(tmp_path, tiny_lla
         holder.kill()
         holder.wait()
     # the holder died (kill -9 leaves its lock): the next driver takes over, as --resume after a crash does
-    lock = ExperimentLock(exp, "experiment").acquire()
+    lock = ExperimentLock(exp / LOCK_NAME, "experiment").acquire()
     assert lock.took_over["pid"] == holder.pid and "is gone" in lock.took_over["why"]
     lock.release()
     assert not (exp / LOCK_NAME).exists()
 
 
 def test_lock_heartbeat_and_holders_on_other_hosts(tmp_path):
-    from shortened.sweep.lock import LOCK_NAME, ExperimentLock
+    from shortened.sweep.lock import ExperimentLock
 
-    lock = ExperimentLock(tmp_path, "e", heartbeat_s=0.1).acquire()
+    lock = ExperimentLock(tmp_path / LOCK_NAME, "e", heartbeat_s=0.1).acquire()
     first = json.loads((tmp_path / LOCK_NAME).read_text())["heartbeat"]
     time.sleep(0.5)
     assert json.loads((tmp_path / LOCK_NAME).read_text())["heartbeat"] > first  # refreshed while held
@@ -239,9 +298,9 @@ def test_lock_heartbeat_and_holders_on_other_hosts(tmp_path):
              "token": "t"}
     (tmp_path / LOCK_NAME).write_text(json.dumps({**other, "heartbeat": time.time() - 5}))
     with pytest.raises(ShortenedError, match="host other-node, pid 1, since 2026-01-01 00:00:00 UTC"):
-        ExperimentLock(tmp_path, "e", stale_after_s=60).acquire()
+        ExperimentLock(tmp_path / LOCK_NAME, "e", stale_after_s=60).acquire()
     (tmp_path / LOCK_NAME).write_text(json.dumps({**other, "heartbeat": time.time() - 61}))
-    lock = ExperimentLock(tmp_path, "e", stale_after_s=60).acquire()
+    lock = ExperimentLock(tmp_path / LOCK_NAME, "e", stale_after_s=60).acquire()
     assert lock.took_over["host"] == "other-node" and "no heartbeat for 61 s" in lock.took_over["why"]
     lock.release()
 
@@ -254,7 +313,7 @@ def test_resume_with_another_worker_count_is_refused_before_ray(tmp_path, tiny_l
     from shortened.training.identity import write_record
 
     one = SweepConfig.model_validate(tiny_sweep(tiny_llama_dir, tmp_path / "runs"))
-    exp = one.experiment_dir()
+    exp = one.layout.root
     exp.mkdir(parents=True)
     (exp / SWEEP_JSON).write_text(json.dumps(resolve_local_paths(one).model_dump(mode="json")))
     for key in ("ppl-b2-cpt", "ppl-b4-lora"):  # both checkpointed by 1 worker; ppl-b4-lora finished since
@@ -301,14 +360,17 @@ def test_local_paths_are_absolute_at_load_and_checked_before_ray(tmp_path, tiny_
 
 # -- full sweeps on local Ray -----------------------------------------------------------------------------------------
 
-def tune_results(exp_dir: Path) -> dict[str, dict]:
-    """What Tune itself recorded for each finished trial (its result.json files), by trial key."""
+def tune_results(exp_dir: Path) -> dict[str, TrialResult]:
+    """What Tune itself recorded for each finished trial (its result.json files, where the reported TrialResult is
+    logged as its JSON), by trial key."""
+    from shortened.sweep.runner import RESULT
+
     out = {}
     for f in exp_dir.glob("tune/*/*/result.json"):
         for line in f.read_text().splitlines():
             r = json.loads(line)
-            if "result_json" in r:
-                out[r["key"]] = json.loads(r["result_json"])
+            if RESULT in r:
+                out[r["key"]] = TrialResult.model_validate_json(r[RESULT])
     return out
 
 
@@ -348,12 +410,13 @@ def test_grid_sweep_killed_driver_resumes_without_duplicates(tmp_path, tiny_llam
     # the store's rows are Tune's results (speed rows are added after the trials)
     tuned = tune_results(exp)
     for key, t in trials.items():
-        rec = json.loads((exp / "trials" / key / "result.json").read_text())
+        rec = TrialResult.load(exp / "trials" / key / "result.json")
         if key in tuned:
             assert tuned[key] == rec
         stored = {(m["name"], m["dataset"]): m["value"] for m in t["metrics"]
                   if not m["dataset"].startswith("gen-")}
-        assert stored == {(m["name"], m["dataset"]): m["value"] for m in rec["metrics"]}
+        assert stored == {(m.name, m.dataset): m.value for m in rec.metrics}
+        assert t["model_path"] == rec.model_path
         assert t["num_blocks"] == 8 - (t["blocks_requested"] or 0) and t["model_path"]
         if key != "dense":
             assert t["tokens_trained"] == 512 and len(t["removed_blocks"]) == t["blocks_requested"]
@@ -450,7 +513,7 @@ def test_interrupted_sweep_says_how_to_resume_and_selects_nothing(tmp_path, tiny
 
     driver, marker = os.getpid(), str(tmp_path / "interrupted")
 
-    def interrupting(config, sweep, worker_env=None):  # the first trial to start Ctrl-Cs the driver
+    def interrupting(config, sweep, cluster=None, worker_env=None):  # the first trial to start Ctrl-Cs the driver
         import os
         import signal
         import time
@@ -468,7 +531,7 @@ def test_interrupted_sweep_says_how_to_resume_and_selects_nothing(tmp_path, tiny
     with pytest.raises(runner.SweepInterrupted) as err:
         runner.run_sweep(cfg)
     msg = str(err.value)
-    exp = cfg.experiment_dir()
+    exp = cfg.layout.root
     assert "interrupted" in msg and "shortened sweep CONFIG --resume" in msg and str(exp / "sweep.json") in msg
     assert "Tuner.restore" not in msg + caplog.text
     assert not (exp / "selection.json").exists() and not (exp / "driver.lock").exists()

@@ -18,6 +18,7 @@ from shortened.criteria import CRITERIA
 from shortened.data.calibration import CalibrationConfig
 from shortened.evaluation import EvalConfig
 from shortened.pruning import KEEP_FIRST, KEEP_LAST
+from shortened.sweep.layout import ExperimentLayout
 from shortened.training.config import Method, TrainConfig
 
 # the retraining methods (training.config.Method), or none: prune and evaluate without retraining
@@ -104,7 +105,7 @@ class SweepConfig(BaseModel):
     resources: Resources = Field(default_factory=Resources)
     selection: Selection = Field(default_factory=Selection)
     storage_path: str = "runs"  # the experiment folder is storage_path/name (shared storage on a cluster)
-    store_url: str | None = None  # default: sqlite:///<experiment folder>/results.db
+    store_url: str | None = None  # default: sqlite:///<experiment folder>/results.db (ExperimentLayout.store_url)
     device: str = "auto"  # for the prune/evaluate tasks
     dtype: str = "auto"
     # dtype of the pruned and the retrained checkpoints; auto: the source model's (its config.json dtype)
@@ -191,11 +192,13 @@ class SweepConfig(BaseModel):
                              "attn_implementation at the top level (it applies to scoring, training and evaluation)")
         return self
 
-    def experiment_dir(self) -> Path:
-        return Path(self.storage_path).expanduser().resolve() / self.name
+    @property
+    def layout(self) -> ExperimentLayout:
+        """Every path of this experiment (its folder is ``storage_path/name``)."""
+        return ExperimentLayout.of(self.storage_path, self.name)
 
     def resolved_store_url(self) -> str:
-        return self.store_url or f"sqlite:///{self.experiment_dir() / 'results.db'}"
+        return self.store_url or self.layout.store_url
 
 
 def _absolute_if_local(spec: str | None) -> str | None:

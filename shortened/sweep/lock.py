@@ -1,4 +1,5 @@
-"""One driver per experiment: ``driver.lock`` in the experiment folder, created atomically (``O_EXCL``).
+"""One driver per experiment: ``driver.lock`` in the experiment folder (``ExperimentLayout.lock``), created
+atomically (``O_EXCL``).
 
 It says who holds the experiment (host, pid, when it started) and carries a heartbeat the holder refreshes every few
 seconds. A second driver — a job submitted twice, a retried RayJob while the old driver still lives — is refused
@@ -21,7 +22,6 @@ from shortened.errors import ShortenedError
 from shortened.io import write_text_atomic
 
 log = logging.getLogger(__name__)
-LOCK_NAME = "driver.lock"
 HEARTBEAT_S = float(os.environ.get("SHORTENED_LOCK_HEARTBEAT_S", 10))
 STALE_AFTER_S = float(os.environ.get("SHORTENED_LOCK_STALE_S", 120))
 
@@ -51,11 +51,12 @@ def _alive(pid: int, start: str | None) -> bool:
 
 
 class ExperimentLock:
-    """``with ExperimentLock(folder, "experiment 'x'"):`` — held for the block, heartbeat in a daemon thread."""
+    """``with ExperimentLock(layout.lock, "experiment 'x'"):`` — held for the block, heartbeat in a daemon thread.
+    ``path`` is the lock file; the files it moves aside or writes first lie beside it."""
 
-    def __init__(self, folder: Path, what: str, *, heartbeat_s: float | None = None,
+    def __init__(self, path: Path, what: str, *, heartbeat_s: float | None = None,
                  stale_after_s: float | None = None):
-        self.path = Path(folder) / LOCK_NAME
+        self.path = Path(path)
         self.what = what
         self.heartbeat_s = HEARTBEAT_S if heartbeat_s is None else heartbeat_s
         self.stale_after_s = STALE_AFTER_S if stale_after_s is None else stale_after_s
@@ -132,7 +133,7 @@ class ExperimentLock:
                     f"{self.stale_after_s:g} s without a heartbeat)")
             # take over: move the dead holder's file aside (only one taker's rename succeeds), check it was the one
             # judged dead, then create ours
-            tomb = self.path.with_name(f"{LOCK_NAME}.dead-{self.token}")
+            tomb = self.path.with_name(f"{self.path.name}.dead-{self.token}")
             try:
                 os.rename(self.path, tomb)
             except FileNotFoundError:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from shortened.errors import ShortenedError
 from shortened.io import write_text_atomic
+from shortened.sweep.layout import ExperimentLayout
 from shortened.sweep.selection import Choice, metric_value, pareto_front
 from shortened.sweep.store import ResultsStore
 from shortened.sweep.trial import DENSE
@@ -15,17 +16,17 @@ from shortened.sweep.trial import DENSE
 
 def open_experiment(ref: str, store_url: str | None = None, storage_path: str = "runs",
                     ) -> tuple[ResultsStore, str, Path | None]:
-    """``ref`` is an experiment folder (with sweep.json) or a name under ``storage_path`` or in ``store_url``."""
-    folder = Path(ref).expanduser()
-    if not (folder / "sweep.json").is_file():
-        folder = Path(storage_path).expanduser() / ref
-    if (folder / "sweep.json").is_file():
-        saved = json.loads((folder / "sweep.json").read_text())
-        url = store_url or saved.get("store_url") or f"sqlite:///{folder.resolve() / 'results.db'}"
-        return ResultsStore(url), saved["name"], folder.resolve()
+    """``ref`` is an experiment folder (with sweep.json) or a name under ``storage_path`` or in ``store_url``.
+    Returns the store, the experiment's name and its folder (``ExperimentLayout(folder)`` has its paths)."""
+    layout = ExperimentLayout(Path(ref).expanduser().resolve())
+    if not layout.sweep_json.is_file():
+        layout = ExperimentLayout.of(storage_path, ref)
+    if layout.sweep_json.is_file():
+        saved = json.loads(layout.sweep_json.read_text())
+        return ResultsStore(store_url or saved.get("store_url") or layout.store_url), saved["name"], layout.root
     if store_url is None:
-        raise ShortenedError(f"experiment {ref!r}: no sweep.json at {ref} or {folder}; pass the experiment folder, "
-                             "or --store URL with the experiment's name")
+        raise ShortenedError(f"experiment {ref!r}: no {layout.sweep_json.name} at {ref} or {layout.root}; pass the "
+                             "experiment folder, or --store URL with the experiment's name")
     from sqlalchemy.engine import make_url
 
     url = make_url(store_url)

@@ -10,12 +10,16 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from shortened.errors import ShortenedError
+
+if TYPE_CHECKING:
+    from shortened.sweep.trial import TrialResult
 
 
 def _now() -> dt.datetime:
@@ -141,6 +145,11 @@ class ResultsStore:
                     existing[ident] = Metric(trial=trial, name=row["name"], dataset=row["dataset"],
                                              value=float(row["value"]), protocol=row["protocol"])
                     s.add(existing[ident])
+
+    def record_result(self, experiment: str, result: TrialResult, **fields) -> None:
+        """A finished trial: its columns (plus ``fields``, e.g. Tune's trial id) and exactly its metrics."""
+        self.upsert_trial(experiment, result.key, {**result.row(), **fields}, result.metric_dicts(),
+                          replace_metrics=True)
 
     # -- reads ----------------------------------------------------------------------------------------------------
 

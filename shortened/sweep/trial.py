@@ -1,9 +1,11 @@
-"""One sweep trial as plain Python: prune with shared block scores → retrain → evaluate → a result dict.
+"""One sweep trial as plain Python: prune with shared block scores → retrain → evaluate → a :class:`TrialResult`.
 
 Nothing here needs Tune. Each heavy stage is handed to ``run_task`` (inline, or a Ray task with the trial's
 resources), retraining goes through :func:`shortened.training.retrain.retrain` (Ray Train), and every stage is
 resumable: its output folder is published atomically and reused when it exists, and a finished trial leaves
-``result.json`` that a resumed sweep reads instead of running the trial again.
+``result.json`` that a resumed sweep reads instead of running the trial again. Stages take the validated
+:class:`SweepConfig` and :class:`TrialSpec` objects as they are (Ray pickles them); every path comes from the
+experiment's :class:`~shortened.sweep.layout.ExperimentLayout`.
 """
 
 from __future__ import annotations
@@ -14,16 +16,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from shortened.io import write_json_atomic
 from shortened.sweep.config import SweepConfig, SweepMethod
 
 if TYPE_CHECKING:
-    from shortened.cluster import ScaleConfig
+    from shortened.cluster import ClusterChecked
 
 DENSE = "dense"
-RESULT_JSON = "result.json"
 RunTask = Callable[..., Any]  # run_task(fn, *args) -> fn(*args), wherever it runs
 
 
@@ -48,6 +49,9 @@ class TrialSpec(BaseModel):
         amount = f"r{self.ratio:g}" if self.ratio is not None else f"b{self.blocks}"
         return f"{self.criterion}-{amount}-{self.method}"
 
+    def __str__(self) -> str:  # how Tune's logs (params.json) show a trial's spec
+        return self.key
+
 
 def grid_specs(cfg: SweepConfig) -> list[TrialSpec]:
     """The dense baseline, then criteria × amounts × methods in a stable order."""
@@ -71,15 +75,95 @@ def longest_first(specs: list[TrialSpec]) -> list[TrialSpec]:
     return sorted(specs, key=lambda s: (-METHOD_COST.get(s.method, 0), s.ratio or 0.0, s.blocks or 0))
 
 
-def scores_path(exp_dir: Path, criterion: str) -> Path:
-    return exp_dir / "scores" / f"{criterion}.json"
+class MetricRow(BaseModel):
+    """One measured value (the rows of :func:`shortened.evaluation.metric_rows`, as the store keeps them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    dataset: str
+    value: float
+    protocol: str
 
 
-def trial_dir(exp_dir: Path, key: str) -> Path:
-    return exp_dir / "trials" / key
+class TrialTimings(BaseModel):
+    """Wall seconds of each stage of a trial, and of the whole trial (a stage it skipped: 0)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prune_s: float = 0.0
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    total_s: float = 0.0
 
 
-# -- stages (each a plain function of JSON-able arguments, so it can run as a Ray task) ---------------------------
+class TrialResult(BaseModel):
+    """What a finished trial returns: to Tune as it is (the store callback and the bisection read it), to the store
+    (:meth:`row` and ``metrics``), and as ``result.json`` in the trial's folder, which a resumed sweep reads
+    instead of running the trial again."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str
+    spec: TrialSpec
+    status: Literal["completed"] = "completed"
+    model_path: str  # the model evaluated: the source (dense), the pruned folder, or the retrained export
+    # what pruning did (the dense baseline: nothing)
+    num_blocks: int
+    removed_blocks: list[int]
+    blocks_requested: int | None  # blocks removed as the spec asked them (its ratio resolved to a count)
+    params: int
+    params_before: int
+    ratio_actual: float
+    tokens_trained: int = 0
+    timings: TrialTimings
+    metrics: list[MetricRow]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_row(cls, data):
+        """``{"row": {...}, "metrics": [...]}``: a result.json written before this model (an older sweep resumed)."""
+        if isinstance(data, dict) and "row" in data:
+            row = {k: v for k, v in data["row"].items() if k not in ("method", "criterion", "ratio")}
+            ratio, requested = data["row"].get("ratio"), row.get("blocks_requested")
+            spec = {"method": data["row"]["method"], "criterion": data["row"].get("criterion"), "ratio": ratio,
+                    "blocks": requested if ratio is None else None}
+            timings = {k: row.pop(k) for k in TrialTimings.model_fields if k in row}
+            return {**row, "spec": spec, "timings": timings, "metrics": data["metrics"]}
+        return data
+
+    @model_validator(mode="after")
+    def _key_is_the_specs(self) -> TrialResult:
+        if self.key != self.spec.key:
+            raise ValueError(f"key {self.key!r} is not its spec's ({self.spec.key!r})")
+        return self
+
+    def row(self) -> dict:
+        """The store's trial columns."""
+        fields = self.model_dump(exclude={"spec", "timings", "metrics"})
+        return {**fields, **self.timings.model_dump(), "method": self.spec.method, "criterion": self.spec.criterion,
+                "ratio": self.spec.ratio}
+
+    def metric_dicts(self) -> list[dict]:
+        return [m.model_dump() for m in self.metrics]
+
+    def summary(self) -> str:
+        """The headline metrics, for progress lines: ``ppl wikitext2 12.3, zeroshot_mean piqa 0.61``."""
+        return ", ".join(f"{m.name} {m.dataset} {m.value:.4g}" for m in self.metrics
+                         if m.name in ("ppl", "zeroshot_mean"))
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.model_dump(mode="json"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrialResult:
+        return cls.model_validate_json(Path(path).read_text())
+
+    def __str__(self) -> str:  # Tune logs a reported object by str(): its result.json then holds this JSON
+        return self.model_dump_json()
+
+
+# -- stages (plain functions of the config and the spec, so each can run as a Ray task) --------------------------
 
 def _threads_for_task() -> None:
     """Inside a Ray task, use as many torch threads as whole CPUs the task was given (at least one)."""
@@ -96,7 +180,7 @@ def scoring_dtype(cfg: SweepConfig) -> str:
     return cfg.score_dtype or cfg.dtype
 
 
-def compute_scores(cfg_json: dict, criterion: str, n_remove: int, out: str) -> str:
+def compute_scores(cfg: SweepConfig, criterion: str, n_remove: int, out: str) -> str:
     """Score every block of the original model once per criterion, in :func:`scoring_dtype` with the config's
     ``attn_implementation``; trials prune from this file (which records the dtype and device used)."""
     from shortened.criteria import DATA_FREE
@@ -104,7 +188,7 @@ def compute_scores(cfg_json: dict, criterion: str, n_remove: int, out: str) -> s
     from shortened.pruning import score_with_calibration
 
     _threads_for_task()
-    cfg = SweepConfig.model_validate(cfg_json)
+    cfg = SweepConfig.model_validate(cfg)  # an instance passes as it is; a dict (JSON) is validated
     model = load_model(cfg.model, gguf_file=cfg.gguf_file, device=cfg.device, dtype=scoring_dtype(cfg),
                        attn_implementation=cfg.attn_implementation)
     tokenizer = None if criterion in DATA_FREE else load_tokenizer(cfg.model, gguf_file=cfg.gguf_file)
@@ -117,13 +201,13 @@ def compute_scores(cfg_json: dict, criterion: str, n_remove: int, out: str) -> s
     return out
 
 
-def prune_stage(cfg_json: dict, spec_json: dict, scores_file: str, out: str) -> dict:
+def prune_stage(cfg: SweepConfig, spec: TrialSpec, scores_file: str, out: str) -> dict:
     """Prune the original model with the saved scores and publish the HF folder; returns ``pruning.json``."""
     from shortened.criteria import BlockScores
     from shortened.models import load_model, load_tokenizer
     from shortened.pruning import PRUNING_JSON, prune_and_save, resolve_block_count
 
-    cfg, spec = SweepConfig.model_validate(cfg_json), TrialSpec.model_validate(spec_json)
+    cfg, spec = SweepConfig.model_validate(cfg), TrialSpec.model_validate(spec)  # instances pass as they are
     if (Path(out) / PRUNING_JSON).is_file():
         return json.loads((Path(out) / PRUNING_JSON).read_text())
     model = load_model(cfg.model, gguf_file=cfg.gguf_file, device="cpu", dtype=cfg.dtype)
@@ -151,13 +235,12 @@ def _warn_scores_dtype(cfg: SweepConfig, scores, where: str) -> None:
     scores.dtype_mismatch(now, where)
 
 
-def evaluate_stage(cfg_json: dict, model: str, gguf_file: str | None, out: str) -> dict:
+def evaluate_stage(cfg: SweepConfig, model: str, gguf_file: str | None, out: str | Path) -> dict:
     """Perplexity and zero-shot of one model (speed is measured separately, without contention)."""
     from shortened.evaluation import evaluate
     from shortened.models import load_model, load_tokenizer
 
     _threads_for_task()
-    cfg = SweepConfig.model_validate(cfg_json)
     if Path(out).is_file():
         return json.loads(Path(out).read_text())
     m = load_model(model, gguf_file=gguf_file, device=cfg.device, dtype=cfg.dtype,
@@ -168,7 +251,7 @@ def evaluate_stage(cfg_json: dict, model: str, gguf_file: str | None, out: str) 
     return result
 
 
-def speed_stage(cfg_json: dict, model: str, out: str) -> dict:
+def speed_stage(cfg: SweepConfig, model: str, out: str | Path) -> dict:
     """Generation speed of one pruned model against the dense one, alternating runs in one process. Both sit on
     one device, so the rows' memory is each model's own (weights + its generation's working memory, see
     :mod:`shortened.evaluation.speed`), never the device's total."""
@@ -176,7 +259,6 @@ def speed_stage(cfg_json: dict, model: str, out: str) -> dict:
     from shortened.models import load_model, load_tokenizer
 
     _threads_for_task()
-    cfg = SweepConfig.model_validate(cfg_json)
     if Path(out).is_file():
         return json.loads(Path(out).read_text())
     e = cfg.eval
@@ -193,73 +275,73 @@ def speed_stage(cfg_json: dict, model: str, out: str) -> dict:
 
 # -- the trial ------------------------------------------------------------------------------------------------------
 
-def run_trial(cfg: SweepConfig, spec: TrialSpec, run_task: RunTask = inline,
-              worker_env: dict[str, str] | None = None) -> dict:
-    """Prune → retrain → evaluate one spec; returns (and saves as ``result.json``) the trial's row and metrics."""
+def run_trial(cfg: SweepConfig, spec: TrialSpec, run_task: RunTask = inline, worker_env: dict[str, str] | None = None,
+              checked: ClusterChecked | None = None) -> TrialResult:
+    """Prune → retrain → evaluate one spec; returns (and saves as ``result.json``) the trial's result. ``checked``:
+    what the sweep's driver verified about the cluster, so the trial's retraining does not check it again."""
     from shortened.evaluation import metric_rows
     from shortened.pruning import PRUNING_JSON
 
-    exp_dir = cfg.experiment_dir()
-    tdir = trial_dir(exp_dir, spec.key)
-    done = tdir / RESULT_JSON
+    layout = cfg.layout
+    done = layout.result_json(spec.key)
     if done.is_file():
-        return json.loads(done.read_text())
-    cfg_json = cfg.model_dump(mode="json")
+        return TrialResult.load(done)
     start = time.perf_counter()
-    row: dict = {"key": spec.key, "method": spec.method, "criterion": spec.criterion, "ratio": spec.ratio,
-                 "blocks_requested": spec.blocks, "tokens_trained": 0, "prune_s": 0.0, "train_s": 0.0}
+    timings = {"prune_s": 0.0, "train_s": 0.0}
+    tokens = 0
     if spec.method == DENSE:
-        model_path, gguf = cfg.model, cfg.gguf_file
-        row["ratio_actual"] = 0.0
+        model_path, gguf, pruning = cfg.model, cfg.gguf_file, None
     else:
         t = time.perf_counter()
-        pruned = str(tdir / "pruned")
-        plan = Path(pruned) / PRUNING_JSON  # a retried trial does not wait for a task slot to find it done
-        report = json.loads(plan.read_text()) if plan.is_file() else run_task(
-            prune_stage, cfg_json, spec.model_dump(), str(scores_path(exp_dir, spec.criterion)), pruned)
-        row.update(prune_s=time.perf_counter() - t, removed_blocks=report["removed_blocks"],
-                   num_blocks=report["num_blocks_after"], params=report["params_after"],
-                   params_before=report["params_before"], ratio_actual=report["ratio_actual"],
-                   blocks_requested=report["blocks_requested"])
-        model_path, gguf = pruned, None
-        if spec.method != "none":
+        pruned = layout.pruned(spec.key)
+        plan = pruned / PRUNING_JSON  # a retried trial does not wait for a task slot to find it done
+        pruning = json.loads(plan.read_text()) if plan.is_file() else run_task(
+            prune_stage, cfg, spec, str(layout.scores(spec.criterion)), str(pruned))
+        timings["prune_s"] = time.perf_counter() - t
+        retrains = spec.method != "none"
+        if retrains:
             t = time.perf_counter()
-            row["tokens_trained"] = _retrain(cfg, spec, pruned, str(tdir / "model"), worker_env)
-            row["train_s"] = time.perf_counter() - t
-            model_path = str(tdir / "model")
+            tokens = _retrain(cfg, spec, worker_env, checked)
+            timings["train_s"] = time.perf_counter() - t
+        model_path, gguf = str(layout.evaluated_model(spec.key, retrains)), None
     t = time.perf_counter()
-    result = run_task(evaluate_stage, cfg_json, model_path, gguf, str(tdir / "eval.json"))
-    if spec.method == DENSE:
-        row.update(params=result["model_info"]["params"], params_before=result["model_info"]["params"],
-                   num_blocks=result["model_info"]["blocks"], removed_blocks=[])
-    row.update(eval_s=time.perf_counter() - t, total_s=time.perf_counter() - start, model_path=model_path,
-               status="completed")
-    out = {"row": row, "metrics": metric_rows(result)}
-    write_json_atomic(done, out)
-    return out
+    evaluation = run_task(evaluate_stage, cfg, model_path, gguf, str(layout.eval_json(spec.key)))
+    timings["eval_s"] = time.perf_counter() - t
+    if pruning is None:  # the dense baseline: nothing removed
+        info = evaluation["model_info"]
+        shape = {"num_blocks": info["blocks"], "removed_blocks": [], "blocks_requested": None,
+                 "params": info["params"], "params_before": info["params"], "ratio_actual": 0.0}
+    else:
+        shape = {"num_blocks": pruning["num_blocks_after"], "removed_blocks": pruning["removed_blocks"],
+                 "blocks_requested": pruning["blocks_requested"], "params": pruning["params_after"],
+                 "params_before": pruning["params_before"], "ratio_actual": pruning["ratio_actual"]}
+    result = TrialResult(key=spec.key, spec=spec, model_path=model_path, tokens_trained=tokens, **shape,
+                         timings=TrialTimings(**timings, total_s=time.perf_counter() - start),
+                         metrics=metric_rows(evaluation))
+    result.save(done)
+    return result
 
 
-def trial_scale(cfg: SweepConfig) -> ScaleConfig:
-    """The Ray Train scale of a trial's retraining: the config's resources (a ScaleConfig) without their rest."""
-    return cfg.resources.worker_scale()
+def _retrain(cfg: SweepConfig, spec: TrialSpec, worker_env: dict[str, str] | None,
+             checked: ClusterChecked | None) -> int:
+    """Heal the pruned model with a nested Ray Train run named after the trial (re-running it resumes from its
+    checkpoints); returns the tokens trained over every phase."""
+    from shortened.training.retrain import cpt_export, retrain
 
-
-def _retrain(cfg: SweepConfig, spec: TrialSpec, pruned: str, out: str, worker_env: dict[str, str] | None) -> int:
-    """Heal with a nested Ray Train run named after the trial (re-running it resumes from its checkpoints)."""
-    from shortened.training.retrain import retrain
-
-    final = Path(out) / "retraining.json"
+    layout = cfg.layout
+    out = layout.trained(spec.key)
+    final = out / "retraining.json"
     if not final.is_file():
-        r = cfg.resources
-        retrain(pruned, out, cfg.train.model_copy(update={"method": spec.method, "save_dtype": cfg.save_dtype,
-                                                     "attn_implementation": cfg.attn_implementation}),
-                scale=trial_scale(cfg),
-                storage_path=str(cfg.experiment_dir() / "train"), name=spec.key, max_failures=r.max_failures,
-                overwrite=True, worker_env=worker_env, workers_hint="resources.workers_per_trial:")
+        retrain(str(layout.pruned(spec.key)), str(out),
+                cfg.train.model_copy(update={"method": spec.method, "save_dtype": cfg.save_dtype,
+                                             "attn_implementation": cfg.attn_implementation}),
+                scale=cfg.resources.worker_scale(), storage_path=str(layout.train), name=spec.key,
+                max_failures=cfg.resources.max_failures, overwrite=True, worker_env=worker_env,
+                workers_hint="resources.workers_per_trial:", checked=checked)
     record = json.loads(final.read_text())
     if "tokens_trained_total" in record:  # every phase (cpt+lora: CPT and LoRA)
         return int(record["tokens_trained_total"])
     phases = [final]
-    if spec.method == "cpt+lora":  # the CPT phase exported beside the runs (see training.retrain.phases_for)
-        phases.append(cfg.experiment_dir() / "train" / f"{spec.key}-cpt" / "model" / "retraining.json")
+    if spec.method == "cpt+lora":  # a record from before the total: add the CPT phase's own
+        phases.append(cpt_export(layout.train, spec.key) / "retraining.json")
     return sum(int((json.loads(p.read_text()).get("history") or [{}])[-1].get("tokens", 0)) for p in phases)
