@@ -326,11 +326,12 @@ def _retrain(cfg: SweepConfig, spec: TrialSpec, worker_env: dict[str, str] | Non
              checked: ClusterChecked | None) -> int:
     """Heal the pruned model with a nested Ray Train run named after the trial (re-running it resumes from its
     checkpoints); returns the tokens trained over every phase."""
+    from shortened.training.export import RETRAINING_JSON
     from shortened.training.retrain import cpt_export, retrain
 
     layout = cfg.layout
     out = layout.trained(spec.key)
-    final = out / "retraining.json"
+    final = out / RETRAINING_JSON
     if not final.is_file():
         retrain(str(layout.pruned(spec.key)), str(out),
                 cfg.train.model_copy(update={"method": spec.method, "save_dtype": cfg.save_dtype,
@@ -343,5 +344,5 @@ def _retrain(cfg: SweepConfig, spec: TrialSpec, worker_env: dict[str, str] | Non
         return int(record["tokens_trained_total"])
     phases = [final]
     if spec.method == "cpt+lora":  # a record from before the total: add the CPT phase's own
-        phases.append(cpt_export(layout.train, spec.key) / "retraining.json")
+        phases.append(cpt_export(layout.train, spec.key) / RETRAINING_JSON)
     return sum(int((json.loads(p.read_text()).get("history") or [{}])[-1].get("tokens", 0)) for p in phases)
