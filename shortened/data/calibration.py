@@ -21,17 +21,25 @@ class CalibrationConfig(BaseModel):
     """Paper default: 10 samples × 128 tokens (BookCorpus there; the SlimPajama sample here). Unknown fields are
     refused (``n_sample: 5`` is a typo, not a setting to drop silently)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    source: str = SLIMPAJAMA_SAMPLE  # any source the data layer reads: path, glob, s3://…, hf:NAME
+    source: str = SLIMPAJAMA_SAMPLE
+    """The calibration corpus: any source the data layer reads (file, folder, glob, s3://…, hf:NAME, or
+    slimpajama-sample)."""
     split: str = "train"
+    """Split of slimpajama-sample or of an hf: dataset."""
     format: Literal["text", "alpaca"] = "text"
+    """text: a JSON line's text field (or a whole .txt file); alpaca: instruction/input/output records."""
     mixture: dict[str, float] | None = None
+    """Set name -> weight, as for training data (None: every set once)."""
     n_samples: int = Field(10, ge=1, le=1_000_000)
+    """Calibration samples (paper: 10)."""
     seq_len: int = Field(128, ge=2, le=1_048_576)
-    seed: int = Field(0, ge=0)  # numpy's default_rng refuses negative seeds
-    # The windows are drawn from the first ``pool_factor × n_samples × seq_len`` tokens of the stream.
+    """Tokens per calibration sample (paper: 128)."""
+    seed: int = Field(0, ge=0)
+    """Seed for drawing the calibration windows."""
     pool_factor: int = Field(32, ge=1, le=10_000)
+    """The windows are drawn from the first pool_factor × n_samples × seq_len tokens of the stream."""
 
     @field_validator("mixture")
     @classmethod

@@ -27,48 +27,55 @@ def alias_split_error(source: str, split: str) -> str | None:
 
 
 class DataConfig(BaseModel):
-    """A stream of documents, tokenized and packed into ``seq_len`` blocks.
+    """A stream of documents, tokenized and packed into ``seq_len`` blocks."""
 
-    ``source`` is a local file, folder or glob of shards; an fsspec URL (``s3://``, ``gs://``, ``memory://``…) of
-    the same; ``hf:NAME`` for a hub dataset streamed through ``datasets``; or the alias ``slimpajama-sample``
-    (the offline sample when present, else SlimPajama-627B on the hub).
-    """
-
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     source: str = SLIMPAJAMA_SAMPLE
+    """File, folder or glob of shards; an fsspec URL (s3://, gs://, memory://…); hf:NAME for a hub dataset; or
+    slimpajama-sample (the offline sample when present, else SlimPajama-627B on the hub)."""
     split: str = "train"
-    # ``text``: a JSON line's ``text_field`` (or a whole .txt file); ``alpaca``: instruction/input/output records
-    # with the prompt masked out of the loss.
+    """Split of slimpajama-sample or of an hf: dataset."""
     format: Literal["text", "alpaca"] = "text"
+    """text: a JSON line's text_field (or a whole .txt file); alpaca: instruction/input/output records with the
+    prompt masked out of the loss."""
     text_field: str = "text"
+    """The JSON field that holds a document's text (format text)."""
     seq_len: int = Field(2048, ge=2)
-    # Keep or weight subsets: weight 0 drops a set, 0.5 keeps half its documents, 2 reads each twice. Sets not
-    # named get weight 0. ``None`` reads everything once.
+    """Tokens per packed training sequence."""
     mixture: dict[str, float] | None = None
+    """Keep or weight subsets, as set name -> weight: weight 0 drops a set, 0.5 keeps half its documents, 2 reads
+    each twice. Sets not named get weight 0. None reads everything once."""
     mixture_field: str = "meta.redpajama_set_name"
-    # How ranks share the stream: whole shards when their count is a multiple of the world size, else documents.
+    """The (dotted) JSON field that names a document's set, for mixture."""
     split_by: Literal["auto", "shard", "document"] = "auto"
-    epochs: int | None = Field(None, ge=1)  # None: cycle forever (training is budgeted in tokens)
-    shuffle_shards: bool = False  # a seeded shard order per epoch
+    """How ranks share the stream: whole shards when their count is a multiple of the world size (auto), else
+    documents."""
+    epochs: int | None = Field(None, ge=1)
+    """Passes over the data (None: cycle forever; training is budgeted in tokens)."""
+    shuffle_shards: bool = False
+    """A seeded shard order per epoch."""
     seed: int = 0
-    # Bad lines are skipped and counted: not UTF-8, not JSON, invalid Unicode (a lone surrogate escape), no text;
-    # a corrupt or truncated compressed frame, an empty shard or an undecodable .txt/.json file counts as one bad
-    # line (what decoded before the damage is kept). Above this share of the lines read, stop with an error.
+    """Seed of the shard order and of fractional mixture weights."""
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
-    # Per-document position ids: each block also carries ``position_ids`` (LongTensor ``[seq_len]``) that restart
-    # at 0 where a document starts (the token after an EOS) and at the block's first token, and training passes
-    # them to the model. The token stream (``input_ids``, ``labels``) and the data cursor are the same either way.
-    # What the model does with them depends on its attention (transformers 5.x): with ``sdpa``, ``eager`` and
-    # ``flex_attention`` the mask is built from the position ids, so a token attends only to its own document;
-    # with ``flash_attention_2/3`` only a batch of one row is split into documents (varlen kernels), so training
-    # flattens each micro-batch into one row for them. Rotary positions restart per document in every case.
-    # Architectures whose attention mask is not built by transformers' masking utilities (older remote-code
-    # models) only get the restarted positions and still attend across documents. Default off: the paper packs
-    # without it, and an explicit mask is slower than the causal kernel under sdpa.
+    """Bad lines are skipped and counted: not UTF-8, not JSON, invalid Unicode (a lone surrogate escape), no text;
+    a corrupt or truncated compressed frame, an empty shard or an undecodable .txt/.json file counts as one bad
+    line (what decoded before the damage is kept). Above this share of the lines read, stop with an error."""
     document_positions: bool = False
-    storage_options: dict[str, Any] = Field(default_factory=dict)  # passed to fsspec (credentials, endpoint)
-    hub_options: dict[str, Any] = Field(default_factory=dict)  # passed to datasets.load_dataset
+    """Per-document position ids: each block also carries ``position_ids`` (LongTensor ``[seq_len]``) that restart
+    at 0 where a document starts (the token after an EOS) and at the block's first token, and training passes them
+    to the model. The token stream (``input_ids``, ``labels``) and the data cursor are the same either way. What
+    the model does with them depends on its attention (transformers 5.x): with ``sdpa``, ``eager`` and
+    ``flex_attention`` the mask is built from the position ids, so a token attends only to its own document; with
+    ``flash_attention_2/3`` only a batch of one row is split into documents (varlen kernels), so training flattens
+    each micro-batch into one row for them. Rotary positions restart per document in every case. Architectures
+    whose attention mask is not built by transformers' masking utilities (older remote-code models) only get the
+    restarted positions and still attend across documents. Default off: the paper packs without it, and an
+    explicit mask is slower than the causal kernel under sdpa."""
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    """Passed to fsspec (credentials, endpoint)."""
+    hub_options: dict[str, Any] = Field(default_factory=dict)
+    """Passed to datasets.load_dataset."""
 
     @field_validator("mixture")
     @classmethod

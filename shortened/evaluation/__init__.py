@@ -17,28 +17,49 @@ from shortened.evaluation.zeroshot import TASKS, evaluate_zeroshot, parse_tasks,
 
 
 class EvalConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """What to evaluate: perplexity datasets, zero-shot tasks, generation speed."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     ppl: list[str] = Field(default_factory=lambda: ["wikitext2", "ptb"])
+    """Perplexity datasets: wikitext2, ptb, ptb_valid, c4."""
     ppl_protocol: Literal["paper", "gptq"] = "paper"
-    ppl_seq_len: int | None = Field(None, ge=2)  # None: the protocol's (128 paper, 2048 gptq)
+    """paper: 128-token windows; gptq: 2048."""
+    ppl_seq_len: int | None = Field(None, ge=2)
+    """Perplexity window length (None: the protocol's, 128 paper or 2048 gptq)."""
     ppl_bos: Literal["auto", "first", "every", "none"] = "auto"
-    ppl_max_windows: int | None = Field(None, ge=1)  # quick runs: the first N windows
+    """BOS on the first window only (auto: if the tokenizer adds one), on every window, or none."""
+    ppl_max_windows: int | None = Field(None, ge=1)
+    """Evaluate only the first N perplexity windows (quick runs)."""
     ppl_source: Literal["auto", "local", "hub"] = "auto"
-    tasks: list[str] = Field(default_factory=list)  # zero-shot tasks, or ["all"]
+    """Where the perplexity texts come from: the offline files in ../shared/data, the hub, or auto (the files
+    when present, else the hub)."""
+    tasks: list[str] = Field(default_factory=list)
+    """Zero-shot tasks, or all: boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa."""
     tasks_source: Literal["local", "hub"] = "local"
-    limit: int | None = Field(None, ge=1)  # zero-shot items per task (None: full splits)
+    """local files in ../shared/data (offline) or lm-eval's hub tasks."""
+    limit: int | None = Field(None, ge=1)
+    """Zero-shot items per task (quick runs; None: the full splits)."""
     speed: bool = False
+    """Measure generation latency/throughput and peak memory."""
     speed_batch_sizes: list[int] = Field(default_factory=lambda: [1])
+    """Batch sizes of the speed runs (paper: 1, ..., 256)."""
     speed_new_tokens: list[int] = Field(default_factory=lambda: [128])
+    """Forced output lengths of the speed runs (paper: 128, 512)."""
     speed_repeats: int = Field(3, ge=1)
+    """Timed repeats of each speed run."""
     speed_warmup: int = Field(1, ge=0)
-    batch_size: int = Field(8, ge=1)  # perplexity windows per forward (and zero-shot on a CPU, by default)
-    # zero-shot sequences per forward: an int, "auto" (lm-eval finds the largest that fits), or None: "auto" on a GPU,
-    # batch_size on a CPU
+    """Untimed warm-up runs before them."""
+    batch_size: int = Field(8, ge=1)
+    """Perplexity windows per forward (and zero-shot sequences on a CPU, by default)."""
     zeroshot_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
-    zeroshot_cache: str | None = None  # folder for lm-eval's response cache, one file per model weights
+    """Zero-shot sequences per forward: a number, auto (lm-eval finds the largest that fits), or None: auto on a
+    GPU, batch_size on a CPU."""
+    zeroshot_cache: str | None = None
+    """Folder for lm-eval's response cache (one file per model weights): an interrupted zero-shot run resumes
+    where it stopped."""
     progress: bool = True
+    """Progress bars."""
 
     @field_validator("ppl")
     @classmethod

@@ -33,17 +33,22 @@ class Resources(ScaleConfig):
     driver holds ``driver_cpus`` for its whole life; its Ray Train workers, and its prune/evaluate task, take the
     rest, one at a time. Concurrency defaults to what the cluster fits."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, use_attribute_docstrings=True)
     __init__ = BaseModel.__init__  # a bad value is located in the sweep config (resources.FIELD), not re-raised
 
     num_workers: WorkerCount = Field(1, alias="workers_per_trial")
-    task_cpus: float | None = Field(None, gt=0)  # prune/evaluate task; default: a worker's CPUs
-    task_gpus: float | None = Field(None, ge=0)  # default: one worker's GPUs when use_gpu
-    driver_cpus: float = Field(0.05, gt=0, le=1)  # the Tune trial itself only waits on its tasks
-    max_concurrent_trials: int | None = Field(None, ge=1)  # default: as many as the cluster fits
-    # restarts of a trial's Ray Train workers (from the last checkpoint), and retries of a trial whose driver died
-    # with its node (finished stages are kept; training resumes from its checkpoint)
+    """Ray Train workers of each trial's retraining."""
+    task_cpus: float | None = Field(None, gt=0)
+    """CPUs of a trial's prune/evaluate task (default: a worker's CPUs)."""
+    task_gpus: float | None = Field(None, ge=0)
+    """GPUs of a trial's prune/evaluate task (default: one worker's GPUs when use_gpu)."""
+    driver_cpus: float = Field(0.05, gt=0, le=1)
+    """CPUs the Tune trial itself holds (it only waits on its tasks)."""
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    """Trials at once (default: as many as the cluster fits)."""
     max_failures: int = Field(0, ge=0)
+    """Restarts of a trial's Ray Train workers (from the last checkpoint), and retries of a trial whose driver died
+    with its node (finished stages are kept; training resumes from its checkpoint)."""
 
     @model_serializer(mode="wrap")
     def _yaml_names(self, handler) -> dict:
@@ -71,13 +76,20 @@ class Selection(BaseModel):
     """How the ratio to ship is chosen. ``metric`` is ``NAME:DATASET`` (``ppl:wikitext2``, ``acc:piqa``) or
     ``zeroshot_mean``; perplexity and latency are lower-better, accuracies higher-better."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     policy: Literal["max_ratio_within", "best_under_budget", "pareto"] = "max_ratio_within"
+    """max_ratio_within: the largest ratio whose metric stays within tolerance_pct of the dense model's;
+    best_under_budget: the best metric under max_params and/or max_latency_s; pareto: the knee of the frontier
+    of ratio vs metric."""
     metric: str = "ppl:wikitext2"
-    tolerance_pct: float = Field(50.0, ge=0)  # max_ratio_within: metric within this % of the dense baseline
-    max_params: int | None = Field(None, ge=1)  # best_under_budget: parameter budget
-    max_latency_s: float | None = Field(None, gt=0)  # best_under_budget: batch-1 latency budget (needs speed)
+    """NAME:DATASET (ppl:wikitext2, acc:piqa) or zeroshot_mean."""
+    tolerance_pct: float = Field(50.0, ge=0)
+    """max_ratio_within: the metric within this % of the dense baseline."""
+    max_params: int | None = Field(None, ge=1)
+    """best_under_budget: parameter budget."""
+    max_latency_s: float | None = Field(None, gt=0)
+    """best_under_budget: batch-1 latency budget in seconds (needs eval.speed)."""
 
     @model_validator(mode="after")
     def _budget(self) -> Selection:
@@ -87,33 +99,55 @@ class Selection(BaseModel):
 
 
 class SweepConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A sweep: criteria × amounts × methods, each trial pruned, retrained, evaluated and stored."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     name: str
-    model: str  # hub id, HF folder, .gguf, or smollm2
+    """The experiment's name (its folder is storage_path/name)."""
+    model: str
+    """The model to prune: hub id, HF folder, .gguf, or smollm2."""
     gguf_file: str | None = None
+    """GGUF file name inside the model folder."""
     criteria: list[str] = Field(default_factory=lambda: ["ppl"])
-    ratios: list[float] | None = None  # fractions of parameters to remove (rounded down to whole blocks)
-    blocks: list[int] | None = None  # or block counts
+    """Block-importance criteria to compare."""
+    ratios: list[float] | None = None
+    """Fractions of parameters to remove (rounded down to whole blocks)."""
+    blocks: list[int] | None = None
+    """Or block counts to remove."""
     methods: list[SweepMethod] = Field(default_factory=lambda: ["cpt"])
+    """Retraining methods (none: prune and evaluate only)."""
     search: Literal["grid", "bisect"] = "grid"
-    keep_first: int = Field(KEEP_FIRST, ge=0)  # the "+" rule: blocks never removed (pruning.KEEP_FIRST/KEEP_LAST)
+    """grid: every criterion × amount × method; bisect: the largest block count that meets the selection."""
+    keep_first: int = Field(KEEP_FIRST, ge=0)
+    """The "+" rule: the first blocks, never removed (pruning.KEEP_FIRST)."""
     keep_last: int = Field(KEEP_LAST, ge=0)
+    """The last blocks, never removed (pruning.KEEP_LAST)."""
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-    train: TrainConfig  # ``method`` is set per trial
+    """The calibration set of the criteria."""
+    train: TrainConfig
+    """Retraining (``method`` is set per trial)."""
     eval: EvalConfig = Field(default_factory=lambda: EvalConfig(ppl=["wikitext2"]))
+    """What each trial evaluates."""
     resources: Resources = Field(default_factory=Resources)
+    """Per-trial resources."""
     selection: Selection = Field(default_factory=Selection)
-    storage_path: str = "runs"  # the experiment folder is storage_path/name (shared storage on a cluster)
-    store_url: str | None = None  # default: sqlite:///<experiment folder>/results.db (ExperimentLayout.store_url)
-    device: str = "auto"  # for the prune/evaluate tasks
+    """How the trial to ship is chosen."""
+    storage_path: str = "runs"
+    """Where experiment folders live: storage_path/name (shared storage on a cluster)."""
+    store_url: str | None = None
+    """Results store (default: sqlite:///<experiment folder>/results.db)."""
+    device: str = "auto"
+    """Device of the prune/evaluate tasks."""
     dtype: str = "auto"
-    # dtype of the pruned and the retrained checkpoints; auto: the source model's (its config.json dtype)
+    """dtype of the prune/evaluate tasks (auto: bf16 on GPUs, fp32 on CPU)."""
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # the dtype block scores are computed in (None: dtype); "float32" makes GPU and CPU sweeps score alike
+    """dtype of the pruned and the retrained checkpoints; auto: the source model's (its config.json dtype)."""
     score_dtype: str | None = None
-    # scoring, evaluation and speed; auto: flash_attention_2 on CUDA when installed, else sdpa (eager if unsupported)
+    """The dtype block scores are computed in (None: dtype); float32 makes GPU and CPU sweeps score alike."""
     attn_implementation: str = "auto"
+    """Attention kernel of scoring, evaluation and speed; auto: flash_attention_2 on CUDA when installed, else sdpa
+    (eager if unsupported)."""
 
     @field_validator("name")
     @classmethod

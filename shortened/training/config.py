@@ -23,39 +23,50 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 class LoraSettings(BaseModel):
-    """``target_modules`` are roles (q, k, v, o, gate, up, down; Llama's names q_proj … down_proj stand for them)
-    or module names of the blocks; each architecture's modules that play the roles are adapted, fused ones included
-    (see :func:`shortened.training.lora.resolve_lora_targets`)."""
+    """LoRA adapters (methods ``lora`` and ``cpt+lora``): each architecture's modules that play the
+    ``target_modules`` roles are adapted, fused ones included (see :func:`shortened.training.lora.resolve_lora_targets`)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
 
     r: int = Field(8, ge=1, le=4096)
+    """LoRA rank (paper: 8)."""
     alpha: int = Field(16, ge=1, le=65536)
+    """LoRA scaling alpha (paper: 16)."""
     dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the LoRA input (paper: 0.05)."""
     target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
-    lr: float = Field(1e-4, gt=0, le=1)  # LoRA's own learning rate (paper: 1e-4)
-    train_tokens: int | None = Field(None, ge=1)  # for cpt+lora: the LoRA phase's budget (default: train_tokens)
-    # The LoRA phase's DeepSpeed ZeRO stage (``lora`` and the second phase of ``cpt+lora``; the full-parameter
-    # phases use TrainConfig.zero_stage). LoRA trains ~0.1-1% of the weights, so partitioning their gradients and
-    # optimizer state saves next to nothing, while ZeRO-3 would also partition the frozen base weights and
-    # all-gather every one of them in each forward and backward pass (for an 8B model ~16 GB moved per pass).
-    # Stage 2 keeps the frozen weights whole on each GPU (bf16: 2 bytes/parameter, 16 GB for 8B) with no per-step
-    # gather; it is the default rather than 0 because CPU optimizer offload (offload_optimizer) needs a stage >= 1
-    # and it costs no more than 0 here. Set 3 when the frozen model does not fit on one GPU.
+    """Roles (q, k, v, o, gate, up, down; Llama's names q_proj … down_proj stand for them) or module names of the
+    blocks to adapt."""
+    lr: float = Field(1e-4, gt=0, le=1)
+    """LoRA's own learning rate (paper: 1e-4)."""
+    train_tokens: int | None = Field(None, ge=1)
+    """For cpt+lora: the LoRA phase's token budget (default: train_tokens)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
+    """The LoRA phase's DeepSpeed ZeRO stage (``lora`` and the second phase of ``cpt+lora``; the full-parameter
+    phases use zero_stage). LoRA trains ~0.1-1% of the weights, so partitioning their gradients and optimizer state
+    saves next to nothing, while ZeRO-3 would also partition the frozen base weights and all-gather every one of
+    them in each forward and backward pass (for an 8B model ~16 GB moved per pass). Stage 2 keeps the frozen weights
+    whole on each GPU (bf16: 2 bytes/parameter, 16 GB for 8B) with no per-step gather; it is the default rather
+    than 0 because CPU optimizer offload (offload_optimizer) needs a stage >= 1 and it costs no more than 0 here.
+    Set 3 when the frozen model does not fit on one GPU."""
 
 
 class DistillSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    """Distillation from the unpruned model (method ``distill``)."""
 
-    teacher: str | None = None  # the unpruned model; default: pruning.json's "model" beside the student
-    weight: float = Field(1.0, ge=0, le=1e6)  # loss = CE + weight * T^2 * KL(teacher || student)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
+
+    teacher: str | None = None
+    """The unpruned model (default: the ``model`` that pruning.json beside the student names)."""
+    weight: float = Field(1.0, ge=0, le=1e6)
+    """Weight of the KL term: loss = CE + weight * T^2 * KL(teacher || student)."""
     temperature: float = Field(2.0, gt=0, le=1e3)
-    # Positions per chunk of the KL term: only one chunk of the student and teacher logits is upcast to fp32 at a
-    # time (forward and backward), so its extra memory is a few chunk_tokens x vocab x 4 bytes (1024 positions x
-    # 128k vocabulary: ~0.5 GB per fp32 copy) instead of several copies of both [batch, seq, vocab] tensors. The
-    # value is the same for any chunk size (up to fp32 summation order).
+    """Softmax temperature T of the KL term."""
     chunk_tokens: int = Field(1024, ge=1, le=1 << 24)
+    """Positions per chunk of the KL term: only one chunk of the student and teacher logits is upcast to fp32 at a
+    time (forward and backward), so its extra memory is a few chunk_tokens x vocab x 4 bytes (1024 positions x
+    128k vocabulary: ~0.5 GB per fp32 copy) instead of several copies of both [batch, seq, vocab] tensors. The
+    value is the same for any chunk size (up to fp32 summation order)."""
 
 
 PHASES: dict[Method, tuple[PhaseMethod, ...]] = {"cpt": ("cpt",), "lora": ("lora",), "cpt+lora": ("cpt", "lora"),
@@ -72,47 +83,71 @@ def phase_zero_stage(cfg: TrainConfig, phase_method: str) -> int:
 class TrainConfig(BaseModel):
     """One retraining run. Budgeted in tokens: ``train_tokens`` across all workers."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
 
     method: Method = "cpt"
+    """cpt: all parameters (continued pretraining); lora: LoRA adapters, merged on export; cpt+lora: CPT, then LoRA
+    on the result; distill: CPT with a KL term towards the unpruned model."""
     data: DataConfig = Field(default_factory=DataConfig)
+    """The training data."""
     train_tokens: int = Field(..., ge=1)
-    micro_batch_size: int = Field(1, ge=1, le=1 << 20)  # sequences per worker per micro-step
+    """Token budget across all workers."""
+    micro_batch_size: int = Field(1, ge=1, le=1 << 20)
+    """Sequences per worker per micro-step."""
     grad_accum: int = Field(1, ge=1, le=1 << 20)
+    """Micro-steps per optimizer step."""
     lr: float = Field(1e-4, gt=0, le=1)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)  # share of the steps spent warming up linearly
+    """Peak learning rate (paper: 1e-4)."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """The cosine schedule decays to lr * min_lr_ratio."""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Share of the steps spent warming up linearly."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
     weight_decay: float = Field(0.1, ge=0, le=1)
+    """AdamW weight decay (on matrices)."""
     grad_clip: float = Field(1.0, gt=0)
-    # DeepSpeed ZeRO stage of the full-parameter phases (cpt, distill, and the CPT phase of cpt+lora); the LoRA
-    # phase uses lora.zero_stage (see :func:`phase_zero_stage`).
+    """Maximum gradient norm (clipped to it)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
-    # Offload applies to the phases whose stage allows it, and is dropped (with a log line) for the others, e.g.
-    # a cpt+lora run offloads the CPT phase's ZeRO-3 parameters but not the LoRA phase's at stage 2.
-    offload_optimizer: bool = False  # ZeRO optimizer state in CPU memory (DeepSpeed CPU Adam, JIT-built once)
-    offload_params: bool = False  # ZeRO-3 parameters in CPU memory
-    # auto: bf16 on GPUs that support it, fp16 (loss-scaled) on older GPUs, fp32 on CPU (device.auto_dtype)
+    """DeepSpeed ZeRO stage of the full-parameter phases (cpt, distill, and the CPT phase of cpt+lora); the LoRA
+    phase uses lora.zero_stage (see :func:`phase_zero_stage`)."""
+    offload_optimizer: bool = False
+    """ZeRO optimizer state in CPU memory (DeepSpeed CPU Adam, JIT-built once). Offload applies to the phases whose
+    stage allows it, and is dropped (with a log line) for the others."""
+    offload_params: bool = False
+    """ZeRO-3 parameters in CPU memory (e.g. a cpt+lora run offloads the CPT phase's ZeRO-3 parameters but not the
+    LoRA phase's at stage 2)."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    # dtype of the exported checkpoint; auto: the trained (pruned) model's config.json dtype, else the training dtype
+    """auto: bf16 on GPUs that support it, fp16 (loss-scaled) on older GPUs, fp32 on CPU (device.auto_dtype)."""
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the exported checkpoint; auto: the trained (pruned) model's config.json dtype, else the training
+    dtype."""
     gradient_checkpointing: bool = False
-    # transformers' attention kernel for training (and the distillation teacher): auto is flash_attention_2 on CUDA
-    # in bf16/fp16 when flash-attn is installed, else sdpa (eager where the architecture has no sdpa); or name one
+    """Recompute activations in the backward pass (less memory, more compute)."""
     attn_implementation: str = Field("auto", min_length=1)
+    """transformers' attention kernel for training (and the distillation teacher): auto is flash_attention_2 on
+    CUDA in bf16/fp16 when flash-attn is installed, else sdpa (eager where the architecture has no sdpa); or name
+    one."""
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    """LoRA settings (methods lora and cpt+lora)."""
     distill: DistillSettings = Field(default_factory=DistillSettings)
-    report_every_steps: int = Field(10, ge=1)  # each report is a barrier across workers
-    checkpoint_every_tokens: int | None = Field(None, ge=1)  # None: only at the end
+    """Distillation settings (method distill)."""
+    report_every_steps: int = Field(10, ge=1)
+    """Optimizer steps between metric reports (each report is a barrier across workers)."""
+    checkpoint_every_tokens: int | None = Field(None, ge=1)
+    """Tokens between checkpoints (None: only at the end)."""
     keep_checkpoints: int = Field(2, ge=1)
-    # Local folder where each worker writes its DeepSpeed shards before the session (Ray Train, LocalSession)
-    # takes them to storage; None: the system temporary folder (tempfile.gettempdir(), honouring $TMPDIR), often a
-    # small container /tmp. A ZeRO checkpoint holds 12 bytes of fp32 master weights and Adam state per trainable
-    # parameter (a CPT of 6.7B parameters at ZeRO-3 with 8 GPUs on a node: ~80 GB on that node), so point this at a
-    # large local disk. Free space is checked before every checkpoint (checkpoint.check_staging_space).
+    """Checkpoints Ray Train keeps."""
     checkpoint_staging_dir: str | None = None
+    """Local folder where each worker writes its DeepSpeed shards before the session (Ray Train, LocalSession)
+    takes them to storage; None: the system temporary folder (tempfile.gettempdir(), honouring $TMPDIR), often a
+    small container /tmp. A ZeRO checkpoint holds 12 bytes of fp32 master weights and Adam state per trainable
+    parameter (a CPT of 6.7B parameters at ZeRO-3 with 8 GPUs on a node: ~80 GB on that node), so point this at a
+    large local disk. Free space is checked before every checkpoint (checkpoint.check_staging_space)."""
     seed: int = Field(0, ge=0, lt=2**63)
-    token_log: bool = False  # audit: each rank logs a hash of every micro-batch it trains on
+    """torch's seed on every worker (LoRA initialisation, dropout); the data order has its own data.seed."""
+    token_log: bool = False
+    """Audit: each rank logs a hash of every micro-batch it trains on."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
