@@ -36,13 +36,19 @@ class ScaleConfig(BaseModel):
     retraining's flags, and a sweep's ``resources``, which extends it). Built directly, a bad value is a
     ShortenedError naming the field."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     num_workers: WorkerCount = 2
+    """Ray Train workers (one process each; the world size)."""
     use_gpu: bool = False
+    """Give each worker GPUs (gpus_per_worker)."""
     cpus_per_worker: float = Field(1, gt=0, allow_inf_nan=False)
+    """CPUs each worker holds."""
     gpus_per_worker: float = Field(1, gt=0, allow_inf_nan=False)
+    """GPUs each worker holds when use_gpu."""
     placement_strategy: Placement = "PACK"
+    """How Ray places the workers' bundles: PACK (few nodes, best effort), SPREAD (many nodes, best effort),
+    STRICT_PACK (one node), STRICT_SPREAD (one node each)."""
 
     def __init__(self, **fields) -> None:
         try:

@@ -49,7 +49,7 @@ M = ["--model", "m"]
 SCORE = ["score", *M, "--criterion", "ppl", "--out", "s.json"]
 PRUNE = ["prune", *M, "--criterion", "ppl", "--out", "o"]
 WIDTH = ["prune-width", *M, "--out", "o"]
-RETRAIN = ["retrain", *M, "--out", "o"]
+RETRAIN = ["retrain", *M, "--train-tokens", "8", "--out", "o"]
 EVAL = ["eval", *M, "--out", "r.json"]
 DATA = ["data", "slimpajama-sample"]
 
@@ -79,11 +79,16 @@ def test_every_numeric_option_has_a_range(no_loading, tmp_path, monkeypatch, cap
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ranges_accept_their_edges(tmp_path):
-    from shortened.cli import FRACTION, NON_NEGATIVE, RATIO, SEQ_LEN
+def test_ranges_accept_their_edges():
+    from shortened.cli import build_parser
 
-    assert RATIO("0") == 0.0 and RATIO("0.999") == 0.999 and FRACTION("1") == 1.0 and FRACTION("0") == 0.0
-    assert NON_NEGATIVE("0") == 0 and SEQ_LEN("2") == 2
+    parse = build_parser().parse_args
+    for ratio in ("0", "0.999"):
+        assert parse([*PRUNE, "--ratio", ratio]).ratio == float(ratio)
+    for fraction in ("0", "1"):
+        assert parse([*DATA, "--max-bad-fraction", fraction]).data.max_bad_fraction == float(fraction)
+    assert parse([*SCORE, "--keep-first", "0"]).keep_first == 0
+    assert parse([*SCORE, "--calib-seq-len", "2"]).calibration.seq_len == 2
 
 
 def test_calibration_config_ranges_and_unknown_fields():
@@ -236,7 +241,7 @@ def test_retrain_checks_its_out_before_ray_starts(monkeypatch, tiny_llama_dir, a
     import shortened.training.retrain as rt
 
     monkeypatch.setattr(rt, "retrain", lambda *a, **k: pytest.fail("retrain started before --out was checked"))
-    assert run("retrain", "--model", tiny_llama_dir, "--out", a_file / "healed") == 2
+    assert run("retrain", "--model", tiny_llama_dir, "--train-tokens", 8, "--out", a_file / "healed") == 2
     assert f"--out {a_file / 'healed'}: {a_file} is a file" in capsys.readouterr().err
 
 

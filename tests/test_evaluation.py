@@ -235,7 +235,7 @@ def test_cli_eval_writes_every_section(tiny_llama_dir, tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--ppl", "wikitext3"], "unknown perplexity dataset"),
     (["--tasks", "mmlu"], "unknown zero-shot task"),
-    (["--speed", "--speed-batch-sizes", "1,x"], "--speed-batch-sizes takes comma-separated integers"),
+    (["--speed", "--speed-batch-sizes", "1,x"], "--speed-batch-sizes: must be a comma-separated list of integers"),
     (["--ppl", "ptb", "--baseline", "x"], "--baseline is compared by --speed"),
     (["--speed", "--limit", "5"], "--limit would be ignored: it applies to zero-shot tasks (--tasks)"),
     (["--speed", "--zeroshot-cache", "c"], "--zeroshot-cache would be ignored"),
@@ -263,7 +263,7 @@ def test_cli_eval_refuses_a_file_as_zeroshot_cache_before_loading(tiny_llama_dir
     assert main(["eval", "--model", str(tmp_path / "no-model"), "--tasks", "piqa", "--zeroshot-cache",
                  str(not_a_folder), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "zeroshot_cache" in err and "is not a folder" in err and not out.exists()
+    assert "argument --zeroshot-cache:" in err and "is not a folder" in err and not out.exists()
 
 
 def test_zeroshot_batch_size_is_auto_on_a_gpu_and_the_cpu_setting_elsewhere(tiny, smollm2_tokenizer):

@@ -42,9 +42,9 @@ class EvalConfig(BaseModel):
     """Zero-shot items per task (quick runs; None: the full splits)."""
     speed: bool = False
     """Measure generation latency/throughput and peak memory."""
-    speed_batch_sizes: list[int] = Field(default_factory=lambda: [1])
+    speed_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1], min_length=1)
     """Batch sizes of the speed runs (paper: 1, ..., 256)."""
-    speed_new_tokens: list[int] = Field(default_factory=lambda: [128])
+    speed_new_tokens: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [128], min_length=1)
     """Forced output lengths of the speed runs (paper: 128, 512)."""
     speed_repeats: int = Field(3, ge=1)
     """Timed repeats of each speed run."""
