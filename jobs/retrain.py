@@ -1,7 +1,8 @@
 """Ray job entry point for retraining; the same flags as ``shortened retrain``.
 
     ray job submit --working-dir . -- python jobs/retrain.py --model pruned/ --method cpt \\
-        --config jobs/configs/retrain-cpt.yaml --workers 8 --use-gpu --storage-path s3://bucket/runs --out /mnt/out
+        --config jobs/configs/retrain-cpt.yaml --num_workers 8 --use_gpu --storage_path s3://bucket/runs \\
+        --out /mnt/out
 """
 
 import sys

@@ -514,7 +514,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     check_output(args.out, kind="dir", overwrite=args.overwrite, flag="--out")  # before 30 s of Ray start-up
     result = retrain(args.model, args.out, args.train, scale=args.scale, storage_path=args.storage_path,
                      name=args.name or Path(args.out).name, max_failures=args.max_failures,
-                     overwrite=args.overwrite, address=args.address)
+                     overwrite=args.overwrite, address=args.address,
+                     workers_hint=args.typed.flag("num_workers"))
     print(json.dumps({"out": result.model_dir, "metrics": result.metrics,
                       "phases": [{"phase": p["phase"], "run": p["run"], "checkpoint": p["checkpoint"]}
                                  for p in result.phases]}, indent=2, default=str))

@@ -161,8 +161,8 @@ def describe(hint: Any) -> str:
         item = describe(items[0]) if items else "value"
         for one, many in (("an integer", "integers"), ("a number", "numbers"), ("text", "texts")):
             if item.startswith(one):
-                return f"a comma-separated list of {many}{item[len(one):]}"
-        return f"a comma-separated list, each {item}"
+                return f"a list of {many}{item[len(one):]}"
+        return f"a list, each {item}"
     if origin is dict or hint is dict:
         return 'a mapping (JSON, e.g. \'{"name": 1}\')'
     return {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(hint, getattr(
@@ -209,7 +209,7 @@ def _show(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):
-        return ",".join(_show(v) for v in value) if value else "none (an empty list)"
+        return ",".join(_show(v) for v in value) if value else "[]"
     if isinstance(value, dict):
         return json.dumps(value) if value else "{}"
     return str(value)

@@ -235,7 +235,7 @@ def test_cli_eval_writes_every_section(tiny_llama_dir, tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--ppl", "wikitext3"], "unknown perplexity dataset"),
     (["--tasks", "mmlu"], "unknown zero-shot task"),
-    (["--speed", "--speed-batch-sizes", "1,x"], "--speed-batch-sizes: must be a comma-separated list of integers"),
+    (["--speed", "--speed-batch-sizes", "1,x"], "--speed-batch-sizes: must be a list of integers >= 1, got '1,x'"),
     (["--ppl", "ptb", "--baseline", "x"], "--baseline is compared by --speed"),
     (["--speed", "--limit", "5"], "--limit would be ignored: it applies to zero-shot tasks (--tasks)"),
     (["--speed", "--zeroshot-cache", "c"], "--zeroshot-cache would be ignored"),
