@@ -260,49 +260,7 @@ class ReportOptions(ExperimentOptions):
     """Markdown or HTML."""
 
 
-# -- the verbs --------------------------------------------------------------------------------------------------------
-
-CALIBRATION_FLAGS = {"--calib-source": "--calibration.source", "--calib-samples": "--calibration.n_samples",
-                     "--calib-seq-len": "--calibration.seq_len", "--seed": "--calibration.seed"}
-STORE_FLAG = {"--store": "--store_url"}
-
-VERBS = (
-    Verb("score", "score every block with one criterion and save the scores as JSON",
-         (Part(ScoreOptions),), CALIBRATION_FLAGS),
-    Verb("prune", "remove blocks and save a standard HF checkpoint with pruning.json",
-         (Part(PruneOptions),), CALIBRATION_FLAGS),
-    Verb("prune-width", "the width baseline: remove head groups and MLP channels from every block to a parameter "
-                        "budget; saves an HF checkpoint", (Part(PruneWidthOptions),), CALIBRATION_FLAGS),
-    Verb("retrain", "heal a pruned model: CPT, LoRA, CPT+LoRA or distillation on Ray Train with DeepSpeed ZeRO; "
-                    "re-running the same --name resumes",
-         (Part(RetrainOptions, default_text={"storage_path": "~/ray_results"}),
-          Part(TrainConfig, attr="train", config=True), Part(ScaleConfig, attr="scale")),
-         {"--data": "--data.source", "--seq-len": "--data.seq_len", "--lora-zero-stage": "--lora.zero_stage",
-          "--teacher": "--distill.teacher", "--workers": "--num_workers", "--placement": "--placement_strategy"}),
-    Verb("eval", "perplexity, zero-shot accuracy (lm-eval) and generation speed of a model",
-         (Part(EvalOptions), Part(EvalConfig, attr="eval", skip=frozenset({"progress"}), default_text={
-             "ppl": "wikitext2,ptb when neither --tasks nor --speed is given, else none"})),
-         {"--ppl-windows": "--ppl_max_windows"}),
-    Verb("sweep", "the main job: Ray Tune trials over criteria × ratios × methods (prune → retrain → evaluate), a "
-                  "results store, and the selected ratio", (Part(SweepOptions, positionals=("config",)),), STORE_FLAG),
-    Verb("results", "print an experiment's trials and metrics",
-         (Part(ResultsOptions, positionals=("experiment",)),), STORE_FLAG),
-    Verb("select", "choose the trial to ship by a policy, and say why",
-         (Part(ExperimentOptions, positionals=("experiment",)),
-          Part(Selection, attr="selection", deferred=True, default_text=dict.fromkeys(
-              Selection.model_fields, "the experiment's (its sweep config's selection)"))),
-         {**STORE_FLAG, "--tolerance": "--tolerance_pct", "--max-latency": "--max_latency_s"}),
-    Verb("report", "write a Markdown/HTML report with plots",
-         (Part(ReportOptions, positionals=("experiment",)),), STORE_FLAG),
-    Verb("data", "check a training corpus: shards, rank split, documents per set, bad lines, tokens",
-         (Part(DataConfig, attr="data", positionals=("source",),
-               skip=frozenset({"seq_len", "epochs", "document_positions"})), Part(DataOptions))),
-)
-
-
-def build_parser() -> Parser:
-    return Parser(VERBS, "Depth pruning of decoder LLMs.")
-
+# -- the commands -----------------------------------------------------------------------------------------------------
 
 def _model_options(args: argparse.Namespace) -> dict:
     """load_model's device, dtype and attention options (ModelOptions)."""
@@ -399,6 +357,7 @@ def _scores_for(args: argparse.Namespace, model, n_remove: int | None, tokenizer
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    """Score every block with one criterion and save the scores as JSON."""
     from shortened.criteria import DATA_FREE
     from shortened.io import check_output
     from shortened.models import load_model
@@ -424,6 +383,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    """Remove blocks and save a standard HF checkpoint with pruning.json."""
     from shortened.criteria import BlockScores
     from shortened.criteria import DATA_FREE
     from shortened.io import check_output
@@ -478,6 +438,8 @@ def _width_target(args: argparse.Namespace) -> int | None:
 
 
 def cmd_prune_width(args: argparse.Namespace) -> int:
+    """The width baseline: remove head groups and MLP channels from every block to a parameter budget;
+    saves an HF checkpoint."""
     from shortened.data.calibration import calibration_windows
     from shortened.io import check_output
     from shortened.models import count_params, load_model
@@ -508,6 +470,8 @@ def cmd_prune_width(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
+    """Heal a pruned model: CPT, LoRA, CPT+LoRA or distillation on Ray Train with DeepSpeed ZeRO;
+    re-running the same --name resumes."""
     from shortened.io import check_output
     from shortened.training.retrain import retrain
 
@@ -523,6 +487,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Perplexity, zero-shot accuracy (lm-eval) and generation speed of a model."""
     from shortened.evaluation import evaluate, metric_rows
     from shortened.io import check_output, write_json_atomic
     from shortened.models import load_model, load_tokenizer, resolve_source
@@ -586,6 +551,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    """Check a training corpus: shards, rank split, documents per set, bad lines, tokens."""
     import time
     from collections import Counter
 
@@ -637,6 +603,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    """The main job: Ray Tune trials over criteria × ratios × methods (prune → retrain → evaluate), a
+    results store, and the selected ratio."""
     from shortened.sweep import load_sweep_config
     from shortened.sweep.report import markdown_table, trial_table
     from shortened.sweep.runner import run_sweep
@@ -660,6 +628,7 @@ def _print_choice(choice) -> None:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
+    """Print an experiment's trials and metrics."""
     import csv
 
     from shortened.sweep.report import markdown_table, trial_table
@@ -694,6 +663,7 @@ def _selection(args: argparse.Namespace, store, name: str) -> Selection:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
+    """Choose the trial to ship by a policy, and say why."""
     from shortened.sweep.selection import select
 
     store, name, _ = open_experiment_args(args)
@@ -714,6 +684,7 @@ def open_experiment_args(args: argparse.Namespace):
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Write a Markdown/HTML report with plots."""
     from shortened.sweep.report import write_report
     from shortened.sweep.selection import select
 
@@ -729,6 +700,44 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = write_report(store, name, out_dir, choice, args.format)
     print(f"wrote {out}")
     return 0
+
+
+# -- the verbs: each one's help is its command's docstring, its flags the fields of its models ----------------------
+
+CALIBRATION_FLAGS = {"--calib-source": "--calibration.source", "--calib-samples": "--calibration.n_samples",
+                     "--calib-seq-len": "--calibration.seq_len", "--seed": "--calibration.seed"}
+STORE_FLAG = {"--store": "--store_url"}
+
+VERBS = (
+    Verb("score", cmd_score.__doc__, (Part(ScoreOptions),), CALIBRATION_FLAGS),
+    Verb("prune", cmd_prune.__doc__, (Part(PruneOptions),), CALIBRATION_FLAGS),
+    Verb("prune-width", cmd_prune_width.__doc__, (Part(PruneWidthOptions),), CALIBRATION_FLAGS),
+    Verb("retrain", cmd_retrain.__doc__,
+         (Part(RetrainOptions, default_text={"storage_path": "~/ray_results"}),
+          Part(TrainConfig, attr="train", config=True), Part(ScaleConfig, attr="scale")),
+         {"--data": "--data.source", "--seq-len": "--data.seq_len", "--lora-zero-stage": "--lora.zero_stage",
+          "--teacher": "--distill.teacher", "--workers": "--num_workers", "--placement": "--placement_strategy"}),
+    Verb("eval", cmd_eval.__doc__,
+         (Part(EvalOptions), Part(EvalConfig, attr="eval", skip=frozenset({"progress"}), default_text={
+             "ppl": "wikitext2,ptb when neither --tasks nor --speed is given, else none"})),
+         {"--ppl-windows": "--ppl_max_windows"}),
+    Verb("sweep", cmd_sweep.__doc__, (Part(SweepOptions, positionals=("config",), default_text=dict.fromkeys(
+        ("name", "storage_path", "store_url"), "the config's")),), STORE_FLAG),
+    Verb("results", cmd_results.__doc__, (Part(ResultsOptions, positionals=("experiment",)),), STORE_FLAG),
+    Verb("select", cmd_select.__doc__,
+         (Part(ExperimentOptions, positionals=("experiment",)),
+          Part(Selection, attr="selection", deferred=True, default_text=dict.fromkeys(
+              Selection.model_fields, "the experiment's (its sweep config's selection)"))),
+         {**STORE_FLAG, "--tolerance": "--tolerance_pct", "--max-latency": "--max_latency_s"}),
+    Verb("report", cmd_report.__doc__, (Part(ReportOptions, positionals=("experiment",)),), STORE_FLAG),
+    Verb("data", cmd_data.__doc__,
+         (Part(DataConfig, attr="data", positionals=("source",),
+               skip=frozenset({"seq_len", "epochs", "document_positions"})), Part(DataOptions))),
+)
+
+
+def build_parser() -> Parser:
+    return Parser(VERBS, "Depth pruning of decoder LLMs.")
 
 
 def _quiet_stdout() -> None:

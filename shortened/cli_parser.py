@@ -63,8 +63,8 @@ class Part:
 
 @dataclass(frozen=True)
 class Verb:
-    """A verb: its one-line help, the models its flags come from, and the flags of the previous release
-    (``--old-spelling`` → ``--field``)."""
+    """A verb: its help (its command's docstring), the models its flags come from, and the flags of the previous
+    release (``--old-spelling`` → ``--field``)."""
 
     name: str
     help: str
@@ -252,7 +252,7 @@ class VerbParser(_JsonArgumentParser):
     top-level parser to print as one line."""
 
     def __init__(self, verb: Verb, **kwargs) -> None:
-        super().__init__(prog=f"{PROG} {verb.name}", description=verb.help, formatter_class=HelpFormatter,
+        super().__init__(prog=f"{PROG} {verb.name}", description=plain(verb.help), formatter_class=HelpFormatter,
                          print_config=None, exit_on_error=False, allow_abbrev=False, epilog=EPILOG, **kwargs)
         self.verb = verb
         self.config_dests: set[str] = set()
@@ -556,7 +556,7 @@ class Parser(_JsonArgumentParser):
         self.verbs = {v.name: VerbParser(v) for v in verbs}
         sub = self.add_subcommands(dest="command", required=True)
         for verb in verbs:
-            sub.add_subcommand(verb.name, self.verbs[verb.name], help=verb.help)
+            sub.add_subcommand(verb.name, self.verbs[verb.name], help=plain(verb.help))
             self.verbs[verb.name].prog = f"{PROG} {verb.name}"
 
     def parse_args(self, args: Sequence[str] | None = None, namespace=None, **kwargs) -> argparse.Namespace:
