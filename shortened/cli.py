@@ -29,7 +29,7 @@ from shortened.data.config import DataConfig
 from shortened.errors import Interrupted, ShortenedError
 from shortened.evaluation import EvalConfig
 from shortened.pruning import KEEP_FIRST, KEEP_LAST
-from shortened.sweep.config import Selection
+from shortened.sweep.config import Selection, SweepConfig
 from shortened.training.config import TrainConfig
 
 log = logging.getLogger("shortened")
@@ -721,8 +721,9 @@ VERBS = (
          (Part(EvalOptions), Part(EvalConfig, attr="eval", skip=frozenset({"progress"}), default_text={
              "ppl": "wikitext2,ptb when neither --tasks nor --speed is given, else none"})),
          {"--ppl-windows": "--ppl_max_windows"}),
-    Verb("sweep", cmd_sweep.__doc__, (Part(SweepOptions, positionals=("config",), default_text=dict.fromkeys(
-        ("name", "storage_path", "store_url"), "the config's")),), STORE_FLAG),
+    Verb("sweep", cmd_sweep.__doc__, (Part(SweepOptions, positionals=("config",), checked_as=SweepConfig,
+                                           default_text=dict.fromkeys(("name", "storage_path", "store_url"),
+                                                                      "the config's")),), STORE_FLAG),
     Verb("results", cmd_results.__doc__, (Part(ResultsOptions, positionals=("experiment",)),), STORE_FLAG),
     Verb("select", cmd_select.__doc__,
          (Part(ExperimentOptions, positionals=("experiment",)),

@@ -50,7 +50,8 @@ class Part:
     ``positionals``: fields given by position (in this order), not as ``--FIELD``. ``skip``: fields that are no
     flags. ``default_text``: how a default reads in ``--help`` when the value alone would mislead. ``deferred``: not
     validated when parsed (the command merges the given flags with saved settings and validates them itself; the
-    flags default to None, "not given"). ``config``: ``--config FILE`` reads this model's fields from YAML."""
+    flags default to None, "not given"). ``config``: ``--config FILE`` reads this model's fields from YAML.
+    ``checked_as``: a config model some of these options override (sweep's ``--name``), whose rules check them."""
 
     model: type[BaseModel]
     attr: str | None = None
@@ -59,6 +60,7 @@ class Part:
     default_text: dict[str, str] = field(default_factory=dict)
     deferred: bool = False
     config: bool = False
+    checked_as: type[BaseModel] | None = None
 
 
 @dataclass(frozen=True)
@@ -391,6 +393,9 @@ class VerbParser(_JsonArgumentParser):
                 setattr(args, part.attr, given)
                 continue
             model = validate(part.model, fields, typed)
+            if part.checked_as is not None:
+                check_fields(part.checked_as, {k: v for k, v in fields.items() if v is not None and typed.given(k)
+                                               and k in part.checked_as.model_fields}, typed)
             if part.attr:
                 setattr(args, part.attr, model)
             else:
@@ -490,14 +495,24 @@ def _mentions(msg: str, text: str) -> bool:
 
 
 def check_fields(model: type[BaseModel], fields: dict, typed: Typed) -> None:
-    """Each field's type and range, without the model's checks across fields (for settings that are merged with
-    others before the model is built: select's flags and the experiment's saved selection)."""
+    """Each field by the model's rules for it — its type, range and own validators — without the model's checks
+    across fields: for settings merged with others before the model is built (select's flags over the
+    experiment's saved selection, sweep's --name over its YAML)."""
+    validators = model.__pydantic_decorators__.field_validators.values()
     for name, value in fields.items():
         info = model.model_fields[name]
+        mine = [v for v in validators if name in v.info.fields and v.info.mode in ("before", "after")]
         try:
-            TypeAdapter(_field_type(info)).validate_python(value)
+            for check in (v for v in mine if v.info.mode == "before"):
+                value = check.func(value)
+            value = TypeAdapter(_field_type(info)).validate_python(value)
+            for check in (v for v in mine if v.info.mode == "after"):
+                value = check.func(value)
         except ValidationError as exc:
             raise UsageError(_field_error(name, info, exc.errors()[0], typed)) from exc
+        except ValueError as exc:
+            raise UsageError(_field_error(name, info, {"type": "value_error", "msg": str(exc), "input": value},
+                                          typed)) from exc
 
 
 def explain(exc: ValidationError, model: type[BaseModel], typed: Typed, prefix: str = "") -> str:

@@ -118,6 +118,8 @@ def test_config_file_under_flags(tmp_path, capsys):
      "give --ratio or --blocks, not both"),
     (["prune-width", "--model", "m", "--out", "o"], "give one of --ratio, --params or --like"),
     (["retrain", "--model", "m", "--out", "o"], "the following arguments are required: --train_tokens"),
+    (["sweep", "c.yaml", "--name", "bad/x"],  # checked by SweepConfig's rule for the name it overrides
+     "argument --name: 'bad/x' must be letters, digits, '_', '-', '.' (it names a folder)"),
     (["score", "--model", "m", "--criterion", "ppl", "--out", "s.json", "--calibration.n-samples", "0"],
      "argument --calibration.n-samples: must be an integer in [1, 1000000], got '0'"),
 ])
