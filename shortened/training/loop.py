@@ -32,12 +32,13 @@ from shortened.training.deepspeed_config import deepspeed_config, resolve_precis
 from shortened.training.distill import distill_loss
 from shortened.training.export import export
 from shortened.training.faults import maybe_fail
+from shortened.training.lora import with_lora  # noqa: F401 (re-export: with_lora lived here until the loop was split)
 from shortened.training.phase import Phase, build_model
 from shortened.training.session import RaySession, Session
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Phase", "Training", "fit", "model_inputs", "run", "train_worker"]
+__all__ = ["Phase", "Training", "fit", "model_inputs", "run", "train_worker", "with_lora"]
 
 
 def train_worker(config: dict) -> None:
