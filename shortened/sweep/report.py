@@ -26,7 +26,7 @@ def open_experiment(ref: str, store_url: str | None = None, storage_path: str = 
         return ResultsStore(store_url or saved.get("store_url") or layout.store_url), saved["name"], layout.root
     if store_url is None:
         raise ShortenedError(f"experiment {ref!r}: no {layout.sweep_json.name} at {ref} or {layout.root}; pass the "
-                             "experiment folder, or --store URL with the experiment's name")
+                             "experiment folder, or --store_url URL with the experiment's name")
     from sqlalchemy.engine import make_url
 
     url = make_url(store_url)
