@@ -361,12 +361,13 @@ class VerbParser(_JsonArgumentParser):
 
     def load_config(self, path: str, typed: Typed) -> None:
         """``--config FILE``: the config model's fields from YAML become the defaults that flags override."""
-        import yaml
+        from shortened.errors import ShortenedError
+        from shortened.io import read_yaml
 
         try:
-            fields = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise UsageError(f"--config {path}: {exc}") from exc
+            fields = read_yaml(path)
+        except ShortenedError as exc:
+            raise UsageError(f"--config {exc}") from exc
         fields = {} if fields is None else fields
         if not isinstance(fields, dict):
             raise UsageError(f"--config {path}: expected a mapping of config fields, got {type(fields).__name__}")

@@ -89,6 +89,15 @@ def package_importable(name: str) -> bool:
     return True
 
 
+def known_attn_implementations() -> list[str]:
+    """``eager`` and every attention function transformers has registered (sdpa, flex_attention, flash_attention_2,
+    …, paged variants)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    names = ["eager", *ALL_ATTENTION_FUNCTIONS.keys()]
+    return list(dict.fromkeys([*names, *(f"paged|{n}" for n in names if "|" not in n)]))
+
+
 def resolve_attn_implementation(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """The attention implementation to load a model with (transformers' ``attn_implementation``).
 
@@ -102,6 +111,10 @@ def resolve_attn_implementation(requested: str, device: torch.device, dtype: tor
     if not isinstance(requested, str) or not requested.strip():
         raise ShortenedError(f"attn_implementation: {requested!r} is not an attention implementation (auto, sdpa, "
                              "eager, flash_attention_2, ...)")
+    known = known_attn_implementations()
+    if requested != ATTN_AUTO and requested not in known and "/" not in requested:  # "org/repo": a kernels hub id
+        raise ShortenedError(f"attn_implementation {requested!r} is not one of auto, {', '.join(known)} (or a "
+                             "kernels hub id such as kernels-community/flash-attn)")
     half = dtype in (torch.float16, torch.bfloat16)
     if requested == ATTN_AUTO:
         if device.type == "cuda" and half and package_importable(_FLASH_PACKAGES["flash_attention_2"]):

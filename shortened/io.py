@@ -65,6 +65,47 @@ def write_json_atomic(path: str | Path, data: object) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
+def read_yaml(path: str | Path):
+    """A YAML file's content, refusing what PyYAML lets through silently: a key written twice in one mapping (the
+    last value would win). Raises :class:`ShortenedError` with one line naming the file, line and problem (a
+    syntax error, a duplicate key, an unreadable file)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise ShortenedError(f"{path}: line {key_node.start_mark.line + 1}: key {key!r} appears twice "
+                                         f"in one mapping (first on line {seen[key]})")
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ShortenedError(f"{path}: {exc.strerror or exc}") from exc
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ShortenedError(f"{path}: {where}{exc.problem or exc.context or 'not valid YAML'}") from exc
+    except yaml.YAMLError as exc:
+        raise ShortenedError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+
+
+def chmod_tree(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the umask's mode: libraries that write through ``mkstemp``
+    (safetensors' writers do) leave 0600 files that a team's shared storage could not read."""
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(Path(root) / d, dir_mode())
+        for f in files:
+            os.chmod(Path(root) / f, file_mode())
+
+
 def make_staging_dir(final: Path) -> Path:
     """A hidden staging folder beside ``final`` with the umask's mode (``mkdtemp`` alone makes it 0700)."""
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
@@ -322,6 +363,7 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     staging = make_staging_dir(final)
     try:
         yield staging
+        chmod_tree(staging)
         publish_dir(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

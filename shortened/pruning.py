@@ -231,7 +231,8 @@ def prune(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_fi
         "keep_last": keep_last,
         "calibration": scores.calibration,
         # what the scores were computed in (near-tied blocks can rank differently in bf16 and fp32)
-        "scoring": {"dtype": scores.dtype, "device": scores.device, "attn_implementation": scores.attn_implementation},
+        "scoring": {"dtype": scores.dtype, "device": scores.device, "attn_implementation": scores.attn_implementation,
+                    "torch_version": scores.torch_version},
     }
     return PruneResult(model, report)
 

@@ -451,6 +451,8 @@ def test_outputs_follow_the_umask(umask, tmp_path, mask, dir_mode, file_mode):
     assert stat.S_IMODE(out.stat().st_mode) == dir_mode
     assert stat.S_IMODE((out / "pruning.json").stat().st_mode) == file_mode
     assert stat.S_IMODE((out / "config.json").stat().st_mode) == file_mode
+    # every file, the weights too (safetensors writes through mkstemp: 0600 whatever the umask)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {p.name: file_mode for p in out.iterdir()}
 
 
 def test_cli_outputs_are_readable_by_the_team(umask, tiny_llama_dir, tmp_path):
@@ -460,7 +462,8 @@ def test_cli_outputs_are_readable_by_the_team(umask, tiny_llama_dir, tmp_path):
     assert run("prune", "--model", tiny_llama_dir, "--criterion", "magnitude", "--blocks", "1",
                "--out", tmp_path / "p") == 0
     assert stat.S_IMODE((tmp_path / "p").stat().st_mode) == 0o755
-    assert stat.S_IMODE((tmp_path / "p" / "pruning.json").stat().st_mode) == 0o644
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "p").iterdir()} == {
+        p.name: 0o644 for p in (tmp_path / "p").iterdir()}
 
 
 # -- selection: an unknown metric is named with the ones the experiment has -------------------------------------------

@@ -83,7 +83,8 @@ def test_prune_report_and_saved_checkpoint(tmp_path):
     assert set(saved) >= {"model", "criterion", "scores", "removed_blocks", "kept_blocks", "num_blocks_before",
                           "num_blocks_after", "params_before", "params_after", "ratio_requested", "ratio_actual",
                           "keep_first", "keep_last", "calibration"}
-    assert saved["scoring"] == {"dtype": "float32", "device": "cpu", "attn_implementation": "sdpa"}
+    assert saved["scoring"] == {"dtype": "float32", "device": "cpu", "attn_implementation": "sdpa",
+                                "torch_version": torch.__version__}
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.num_hidden_layers == LAYERS - n
     assert list(reloaded.config.layer_types) == [types_before[i] for i in r["kept_blocks"]]

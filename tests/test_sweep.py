@@ -76,6 +76,9 @@ def test_bad_inputs_fail_before_ray_starts(tmp_path, tiny_llama_dir):
     cases = [({"model": str(tmp_path / "missing")}, "missing"),
              ({"train": {**base["train"], "data": {"source": str(tmp_path / "no-shards")}}}, "train.data"),
              ({"blocks": [2, 7]}, "blocks 7 removes more than the 6 blocks"),
+             ({"attn_implementation": "flash_attention_2"}, "attn_implementation 'flash_attention_2' needs GPUs"),
+             ({"attn_implementation": "eagre"}, "eagre"),
+             ({"device": "cuda"}, "resources.use_gpu"),
              ({"blocks": None, "ratios": [0.2]}, r"ratio 0.2 \(\d+ of 8 blocks\) removes more than the 6 blocks")]
     for change, message in cases:
         path = write_yaml(tmp_path / "c.yaml", {**base, **change})
@@ -84,6 +87,19 @@ def test_bad_inputs_fail_before_ray_starts(tmp_path, tiny_llama_dir):
 
             run_sweep(load_sweep_config(path))
         assert not ray.is_initialized() and not (tmp_path / "runs").exists()
+
+
+def test_yaml_key_written_twice_is_refused_naming_file_and_line(tmp_path, tiny_llama_dir):
+    """PyYAML keeps the last of two equal keys without a word; a sweep that ran ratio 0.3 where the user also wrote
+    0.2 would be silently wrong."""
+    path = tmp_path / "dup.yaml"
+    path.write_text(yaml.safe_dump(tiny_sweep(tiny_llama_dir, tmp_path / "runs")) + "ratios: [0.2]\nratios: [0.3]\n")
+    with pytest.raises(ShortenedError, match=rf"{path}: line \d+: key 'ratios' appears twice in one mapping"):
+        load_sweep_config(path)
+    (tmp_path / "bad.yaml").write_text("name: a\n  ratios: [0.2\n")
+    with pytest.raises(ShortenedError, match=r"bad.yaml: line 2, column 9: mapping values are not allowed here"):
+        load_sweep_config(tmp_path / "bad.yaml")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_grid_specs_and_concurrency(tmp_path):

@@ -269,15 +269,14 @@ def resolve_local_paths(cfg: SweepConfig) -> SweepConfig:
 
 def load_sweep_config(path: str | Path, overrides: dict | None = None) -> SweepConfig:
     """Read and validate a sweep YAML; any problem is a ShortenedError naming the file and the field."""
-    import yaml
-
     from shortened.errors import ShortenedError, validated
+    from shortened.io import read_yaml
 
     path = Path(path)
     try:
-        fields = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ShortenedError(f"sweep config {path}: {exc}") from exc
+        fields = read_yaml(path)
+    except ShortenedError as exc:
+        raise ShortenedError(f"sweep config {exc}") from exc
     if not isinstance(fields, dict):
         raise ShortenedError(f"sweep config {path}: expected a mapping of sweep fields, got {type(fields).__name__}")
     fields.update({k: v for k, v in (overrides or {}).items() if v is not None})

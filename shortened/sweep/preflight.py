@@ -68,6 +68,7 @@ def check_inputs(cfg: SweepConfig) -> None:
     from shortened.models import resolve_source
     from shortened.paths import shared_data_dir
 
+    check_devices(cfg)
     src = resolve_source(cfg.model, cfg.gguf_file)
     if not src.gguf_file and Path(src.path).is_dir():
         from shortened.training.identity import WEIGHT_SUFFIXES
@@ -96,6 +97,34 @@ def check_inputs(cfg: SweepConfig) -> None:
         if data is None or not (data / rel).exists():
             raise ShortenedError(f"{what}: local file {rel} not found under {data or '../shared/data'} "
                                  "(set SHORTENED_DATA_DIR, or use the hub source)")
+
+
+def check_devices(cfg: SweepConfig) -> None:
+    """The device and attention kernel the trials' tasks will use, checked where the driver can tell: tasks get
+    GPUs only with ``resources.use_gpu``, so ``device: cuda`` or a flash-attention kernel without it would fail in
+    every task; without GPUs they run where the driver could (this machine's packages and CUDA are checked)."""
+    from shortened.device import ATTN_AUTO, resolve_attn_implementation, resolve_device, resolve_dtype
+
+    gpus = cfg.resources.use_gpu
+    if cfg.device.startswith("cuda") and not gpus:
+        raise ShortenedError(f"device {cfg.device!r}: the trials' tasks get no GPU unless resources.use_gpu is true")
+    if not gpus:
+        try:
+            resolve_device(cfg.device)
+        except ShortenedError as exc:
+            raise ShortenedError(f"device: {exc}") from exc
+    if cfg.attn_implementation == ATTN_AUTO:
+        return
+    if cfg.attn_implementation.startswith("flash") and not gpus:
+        raise ShortenedError(f"attn_implementation {cfg.attn_implementation!r} needs GPUs, but resources.use_gpu is "
+                             "false (the trials run on CPUs): use auto or sdpa")
+    if not gpus:  # the tasks run on CPUs like this one: the same check they would make
+        device = resolve_device(cfg.device)
+        for option in {cfg.dtype, cfg.score_dtype or cfg.dtype}:
+            resolve_attn_implementation(cfg.attn_implementation, device, resolve_dtype(option, device))
+    elif cfg.attn_implementation.startswith("flash") and "float32" in {cfg.dtype, cfg.score_dtype}:
+        raise ShortenedError(f"attn_implementation {cfg.attn_implementation!r} runs in float16/bfloat16 only, but "
+                             f"dtype/score_dtype is float32")
 
 
 def max_blocks(cfg: SweepConfig) -> int:
