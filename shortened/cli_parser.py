@@ -232,7 +232,7 @@ class HelpFormatter(DefaultHelpFormatter):
             bits.append(f"default: {action.default_text}")
         elif action.default is None and "default" in (action.help or "").lower():
             pass  # the doc says what None means
-        elif not _is_bool(action) or action.default:
+        else:  # booleans too: "(default: false)" says the flag is off unless given
             bits.append(f"default: {_show(action.default)}")
         if _strip(hint) not in (bool, str):
             bits.append(describe(hint))
