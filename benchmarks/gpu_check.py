@@ -199,7 +199,7 @@ def run_checks(args: argparse.Namespace) -> list[dict]:
     from shortened.device import resolve_device, resolve_dtype
     from shortened.criteria.ppl import perplexity
     from shortened.evaluation.speed import compare_speed
-    from shortened.models import load_model, load_tokenizer
+    from shortened.models import load_model
     from shortened.pruning import blocks_for_ratio, prune, save_pruned, score_blocks
 
     device = resolve_device(args.device)
