@@ -5,11 +5,11 @@ beside it."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
+from shortened import storage
 from shortened.pruning import PRUNING_JSON
 from shortened.training.phase import Phase, build_model
 
@@ -47,9 +47,9 @@ def export(engine, phase: Phase, rank: int, history: list[dict], world_size: int
         saved = save_pretrained_as(model, staging, resolve_save_dtype(phase.train.save_dtype, phase.model,
                                                                       fallback=trained_in), in_place=True)
         load_tokenizer(phase.model).save_pretrained(staging)
-        plan = Path(phase.model) / PRUNING_JSON
+        plan = storage.path(phase.model) / PRUNING_JSON  # (a model at an object-store URL: read there)
         if plan.is_file():
-            shutil.copy(plan, staging / PRUNING_JSON)
+            (staging / PRUNING_JSON).write_bytes(plan.read_bytes())
         write_json_atomic(staging / RETRAINING_JSON, {**retraining_record(phase, history, world_size, targets, zero),
                                                       "saved_dtype": saved})
 
