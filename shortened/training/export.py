@@ -5,7 +5,6 @@ beside it."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 
@@ -29,7 +28,7 @@ def export(engine, phase: Phase, rank: int, history: list[dict], world_size: int
         state = engine.module.state_dict() if rank == 0 else None
     if rank != 0:
         return
-    out = Path(phase.out)
+    out = storage.path(phase.out)  # a local folder, or an object-store URL (uploaded when complete)
     model = build_model(phase)  # a fresh fp32 CPU copy, same structure, to load the trained weights into
     trained_in = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
     # (copying into the fp32 parameters upcasts exactly: no fp32 copy of the whole state is needed)
@@ -69,7 +68,7 @@ def retraining_record(phase: Phase, history: list[dict], world_size: int, lora_t
         this["lora_targets"] = lora
     phases = []
     for folder in phase.earlier:
-        earlier = Path(folder) / RETRAINING_JSON
+        earlier = storage.path(folder) / RETRAINING_JSON
         if earlier.is_file():
             phases += json.loads(earlier.read_text()).get("phases", [])
     phases.append(this)
