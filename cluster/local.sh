@@ -2,10 +2,15 @@
 # A real multi-node Ray cluster on one machine, for development and tests: a head node and N worker nodes, each
 # its own `ray start --block` process group with its own resources, ports and temp dir. Token auth stays on.
 #
-#   cluster/local.sh up [--workers N] [--head-cpus C] [--worker-cpus C] [--port P]
+#   cluster/local.sh up [--workers N] [--head-cpus C] [--worker-cpus C] [--port P] [--private DIR]
 #   cluster/local.sh status | down
 #   cluster/local.sh stop-node K | start-node K      # kill -9 every process of worker node K / bring it back
 #   source "$(cluster/local.sh env)"                 # RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH, dashboard
+#
+# --private DIR: nodes that share no disk there, as on a cloud cluster whose nodes have only their own disks: each
+# node runs in its own mount namespace with an empty tmpfs mounted over DIR (needs root or user namespaces), and keeps
+# its node-local cache (SHORTENED_CACHE_DIR) inside it. Files one node writes under DIR no other node sees; what must
+# move between nodes has to go through an object store (s3://...).
 #
 # State (pids, logs, token, temp dirs) lives in $SHORTENED_CLUSTER_DIR (default /tmp/shortened-cluster-PORT; kept
 # short because Ray's unix socket paths are limited to ~107 characters). `down` stops only this cluster's processes,
@@ -29,6 +34,7 @@ while [ $# -gt 0 ]; do
     --head-cpus) HEAD_CPUS=$2; shift 2 ;;
     --worker-cpus) WORKER_CPUS=$2; shift 2 ;;
     --port) PORT=$2; shift 2 ;;
+    --private) PRIVATE=$2; shift 2 ;;
     [0-9]*) NODE=$1; shift ;;
     *) echo "local.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
@@ -79,8 +85,15 @@ start_node() {  # start_node K CPUS [--head]
   # PATH: a job's entrypoint `python` is the one Ray runs with. RAY_ADDRESS: Ray's own helpers that look the
   # cluster up (e.g. Ray Train's placement-group cleaner) must find this one, not another Ray on the machine.
   # setsid: the node's own session, so signals to the caller (Ctrl-C in a test) do not reach it
-  PATH="$(dirname "$RAY"):$PATH" RAY_ADDRESS="127.0.0.1:$PORT" RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$DIR/auth_token" setsid "$RAY" start "${args[@]}" \
-    >"$nd/log" 2>&1 < /dev/null &
+  local wrap=() cache=${SHORTENED_CACHE_DIR:-}
+  if [ -n "${PRIVATE:-}" ]; then  # this node's own empty DIR (and cache in it): no disk shared with the others
+    mkdir -p "$PRIVATE"
+    wrap=(unshare -m sh -c 'mount -t tmpfs -o mode=1777 none "$0" && mkdir -p "$0/cache" && exec "$@"' "$PRIVATE")
+    cache=$PRIVATE/cache
+  fi
+  PATH="$(dirname "$RAY"):$PATH" RAY_ADDRESS="127.0.0.1:$PORT" RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$DIR/auth_token" \
+    SHORTENED_CACHE_DIR="$cache" \
+    setsid "${wrap[@]}" "$RAY" start "${args[@]}" >"$nd/log" 2>&1 < /dev/null &
   echo $! >"$nd/pid"
 }
 
@@ -121,7 +134,7 @@ case "$cmd" in
     [ -s "$DIR/auth_token" ] || (umask 077; "$(dirname "$RAY")/python" -c \
       "import secrets; print(secrets.token_hex(32), end='')" >"$DIR/auth_token")
     write_env
-    echo "$WORKERS $WORKER_CPUS" >"$DIR/layout"
+    echo "$WORKERS $WORKER_CPUS ${PRIVATE:-}" >"$DIR/layout"
     start_node 0 "$HEAD_CPUS" --head
     wait_nodes 1
     for k in $(seq 1 "$WORKERS"); do start_node "$k" "$WORKER_CPUS"; done
@@ -144,7 +157,8 @@ case "$cmd" in
     echo "node $NODE killed; the cluster now has $(alive_nodes) alive node(s)" ;;
   start-node)
     [ -n "${NODE:-}" ] && [ "$NODE" -ge 1 ] || die "start-node needs a worker node number (1..N)"
-    read -r _ cpus <"$DIR/layout"
+    read -r _ cpus priv <"$DIR/layout"
+    PRIVATE=${priv:-}
     start_node "$NODE" "$cpus"
     wait_nodes $(( $(alive_nodes) + 1 ))
     echo "node $NODE started" ;;

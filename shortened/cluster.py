@@ -86,8 +86,11 @@ class ClusterChecked:
     scale: ScaleConfig
 
     def covers(self, storage_path: str | Path, scale: ScaleConfig) -> bool:
-        return (Path(storage_path).resolve().is_relative_to(Path(self.storage_path).resolve())
-                and scale.worker_scale() == self.scale.worker_scale())
+        if scale.worker_scale() != self.scale.worker_scale():
+            return False
+        if "://" in str(storage_path) or "://" in str(self.storage_path):  # object-store URLs: compare as text
+            return (str(storage_path).rstrip("/") + "/").startswith(str(self.storage_path).rstrip("/") + "/")
+        return Path(storage_path).resolve().is_relative_to(Path(self.storage_path).resolve())
 
 
 def in_ray_job() -> bool:

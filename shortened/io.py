@@ -45,7 +45,13 @@ def write_text_atomic(path: str | Path, text: str, *, parents: bool = True) -> N
     """Write text through a temporary file beside ``path``, renamed into place, so an interruption leaves the old
     file or the new one, never half of one; the file gets the umask's mode (``mkstemp`` alone would leave it
     0600, unreadable by the rest of a team on shared storage). ``parents``: create the folders above ``path``
-    (False: a missing folder is an OSError, as for ``open``)."""
+    (False: a missing folder is an OSError, as for ``open``). At an object-store URL (see :mod:`shortened.storage`)
+    the one PUT is atomic already: the object is written directly."""
+    from shortened import storage
+
+    if storage.is_url(path):
+        storage.path(path).write_text(text, encoding="utf-8")
+        return
     path = Path(path)
     if parents:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +165,15 @@ def check_output(path: str | Path, *, kind: str, overwrite: bool = False, flag: 
     raw = str(path)
     if not raw.strip():
         raise ShortenedError(f"{flag}: an empty path")
+    from shortened import storage
+
+    if storage.is_url(raw):  # an object store: the bucket must take writes; a published folder is "existing"
+        storage.check_writable(raw, flag)
+        if kind == "dir" and storage.is_complete(raw) and not overwrite:
+            raise ShortenedError(f"{flag} {raw}: a model folder is there already (use --overwrite to replace it)")
+        if kind == "file" and storage.path(raw).exists() and not overwrite:
+            raise ShortenedError(f"{flag} {raw}: the file exists (use --overwrite to replace it)")
+        return storage.path(raw)
     path = Path(raw).expanduser()
     where = f"{flag} {raw}"
     if kind == "file":
@@ -357,7 +372,15 @@ def save_model_dir(out: str | Path, model, tokenizer=None, *, report_name: str, 
 def staged_dir(final: str | Path) -> Iterator[Path]:
     """``with staged_dir(out) as staging:`` write a folder's contents into ``staging``, a fresh folder beside
     ``out`` (:func:`make_staging_dir`); when the block ends it is published as ``out`` in one step
-    (:func:`publish_dir`), and when the block raises it is removed: a failure leaves no partial folder at ``out``."""
+    (:func:`publish_dir`), and when the block raises it is removed: a failure leaves no partial folder at ``out``.
+    At an object-store URL the folder is uploaded when the block ends, its completion marker last
+    (:func:`shortened.storage.staged_upload`)."""
+    from shortened import storage
+
+    if storage.is_url(final):
+        with storage.staged_upload(str(final)) as staging:
+            yield staging
+        return
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(final)

@@ -64,13 +64,18 @@ def looks_local(spec: str) -> bool:
 
 
 def resolve_source(spec: str, gguf_file: str | None = None, *, what: str = "model") -> ModelSource:
-    """Turn a user's ``--model``/``--gguf-file`` into a :class:`ModelSource`, checking local paths exist. A spec
+    """Turn a user's ``--model``/``--gguf-file`` into a :class:`ModelSource`, checking local paths exist (a model
+    folder at an object-store URL is fetched into the node-local cache first, :func:`shortened.storage.local_copy`). A spec
     that looks local (:func:`looks_local`) and is missing is "no such folder/file", never a hub lookup. ``what``
     starts every message (``--model``, ``--baseline``, ``--tokenizer``)."""
     if not isinstance(spec, str) or not spec.strip():
         raise ShortenedError(f"{what}: an empty model name")
     if spec == SMOLLM2_ALIAS:
         return ModelSource(str(smollm2_dir()), gguf_file or SMOLLM2_GGUF)
+    from shortened import storage
+
+    if storage.is_url(spec):  # a folder published to an object store: read through this node's cache
+        spec = str(storage.local_copy(spec))
     path = Path(spec).expanduser()
     if spec.lower().endswith(".gguf"):
         if gguf_file:

@@ -71,7 +71,9 @@ class BlockScores:
     @classmethod
     def load(cls, path: str | Path) -> BlockScores:
         try:
-            data = json.loads(Path(path).read_text())
+            from shortened import storage
+
+            data = json.loads(storage.path(path).read_text())  # a local file, or one in an object store
             return cls.from_json(data)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ShortenedError(f"scores file {str(path)!r} is not a readable scores JSON: {exc}") from exc

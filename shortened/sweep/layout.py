@@ -3,8 +3,8 @@
 
     runs/demo/
       sweep.json        the validated config (what --resume compares against)
-      results.db        the results store (unless store_url names another database)
-      driver.lock       the driver that holds the experiment (see shortened.sweep.lock)
+      results.db        the results store (unless store_url names another database; with an object store: on
+      driver.lock       the driver's disk, see ExperimentLayout.driver_dir), the driver that holds the experiment
       scores/CRITERION.json          block scores, once per criterion, shared by every trial
       trials/KEY/pruned/             the pruned HF folder (pruning.json inside)
       trials/KEY/model/              the retrained export (retraining.json inside)
@@ -19,8 +19,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from shortened import storage
 
 SWEEP_JSON = "sweep.json"
 RESULTS_DB = "results.db"
@@ -36,7 +40,7 @@ class _Under:
     def __init__(self, name: str):
         self.name = name
 
-    def __get__(self, layout: ExperimentLayout | None, owner: type) -> Path:
+    def __get__(self, layout: ExperimentLayout | None, owner: type):
         if layout is None:
             raise AttributeError(f"{self.name} is a path of an ExperimentLayout instance")
         return layout.root / self.name
@@ -44,13 +48,13 @@ class _Under:
 
 @dataclass(frozen=True)
 class ExperimentLayout:
-    """The paths of one experiment, all under ``root`` (``storage_path/name``, absolute)."""
+    """The paths of one experiment, all under ``root`` (``storage_path/name``, absolute): ``pathlib.Path`` objects,
+    or ``upath.UPath`` ones when the storage path is an object-store URL (:mod:`shortened.storage`), with the same
+    API. Two things stay on the driver's own disk even then: the SQLite results store and the driver lock."""
 
-    root: Path
+    root: Any  # Path or UPath
 
     sweep_json = _Under(SWEEP_JSON)
-    results_db = _Under(RESULTS_DB)
-    lock = _Under(LOCK_NAME)
     selection_json = _Under(SELECTION_JSON)
     timings_json = _Under(TIMINGS_JSON)
     report = _Under("report")  # `shortened report`'s default output folder
@@ -60,11 +64,34 @@ class ExperimentLayout:
 
     @classmethod
     def of(cls, storage_path: str | Path, name: str) -> ExperimentLayout:
-        return cls(Path(storage_path).expanduser().resolve() / name)
+        return cls(storage.path(storage.absolute(storage_path)) / name)
+
+    @property
+    def remote(self) -> bool:
+        """The experiment lives in an object store."""
+        return storage.is_url(self.root)
+
+    @property
+    def driver_dir(self) -> Path:
+        """What must be a local file of the driver's (a SQLite database, a lock taken with ``O_EXCL``): the experiment
+        folder itself, or for an object store a folder of this machine's named after the experiment's URL."""
+        if not self.remote:
+            return self.root
+        digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
+        return storage.cache_root().parent / "experiments" / f"{self.root.name}-{digest}"
+
+    @property
+    def results_db(self) -> Path:
+        return self.driver_dir / RESULTS_DB
+
+    @property
+    def lock(self) -> Path:
+        return self.driver_dir / LOCK_NAME
 
     @property
     def store_url(self) -> str:
-        """The default results store: a SQLite file in the experiment folder."""
+        """The default results store: a SQLite file in the experiment folder (on the driver's disk when the
+        experiment lives in an object store: SQLite needs a local file)."""
         return f"sqlite:///{self.results_db}"
 
     def scores(self, criterion: str) -> Path:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from shortened.cluster import (ClusterChecked, check_driver_writable, check_job_paths, check_placement,
                                check_shared_storage, cluster_capacity)
+from shortened import storage
 from shortened.errors import ShortenedError
 from shortened.sweep.config import SweepConfig, resolve_local_paths
 
@@ -46,8 +47,7 @@ def resolve_paths(cfg: SweepConfig) -> SweepConfig:
     """The config as the driver runs it: every local path absolute (``storage_path`` only after the check that it
     is not relative inside a Ray job, where it would vanish with the job's temporary working dir)."""
     check_job_paths(storage_path=cfg.storage_path)
-    return resolve_local_paths(cfg.model_copy(update={
-        "storage_path": str(Path(cfg.storage_path).expanduser().resolve())}))
+    return resolve_local_paths(cfg.model_copy(update={"storage_path": storage.absolute(cfg.storage_path)}))
 
 
 # -- before anything is written --------------------------------------------------------------------------------------
@@ -183,8 +183,12 @@ def check_experiment(cfg: SweepConfig, resume: bool) -> None:
 # -- before the lock, and under it -----------------------------------------------------------------------------------
 
 def before_lock(cfg: SweepConfig) -> None:
-    """The driver can create and write the storage path (a path below a file is named, not a mkdir traceback)."""
-    check_driver_writable(cfg.storage_path)
+    """The driver can create and write the storage path (a path below a file is named, not a mkdir traceback); an
+    object store answers, has the bucket and takes these credentials' writes."""
+    if storage.is_url(cfg.storage_path):
+        storage.check_writable(cfg.storage_path, "storage_path")
+    else:
+        check_driver_writable(cfg.storage_path)
 
 
 def under_lock(cfg: SweepConfig, resume: bool) -> None:
@@ -201,7 +205,7 @@ def check_train_runs(cfg: SweepConfig) -> None:
     from shortened.training.identity import checkpoint_world_size, read_record
 
     layout = cfg.layout
-    if not layout.train.is_dir():
+    if not layout.train.exists():
         return
     want = cfg.resources.num_workers
     bad = []
@@ -226,8 +230,10 @@ def check_train_runs(cfg: SweepConfig) -> None:
 # -- on the Ray cluster ----------------------------------------------------------------------------------------------
 
 def on_cluster(cfg: SweepConfig, n_remove_max: int) -> Preflight:
-    """Once Ray is up: shared storage on every node, placement per node, and the concurrency."""
-    check_shared_storage(cfg.storage_path)
+    """Once Ray is up: shared storage on every node (an object store was checked from the driver: nodes reach it the
+    same way), placement per node, and the concurrency."""
+    if not storage.is_url(cfg.storage_path):
+        check_shared_storage(cfg.storage_path)
     check_trial_fits(cfg)
     return Preflight(max_blocks=n_remove_max, concurrency=concurrency(cfg, cluster_capacity()),
                      cluster=ClusterChecked(cfg.storage_path, cfg.resources.worker_scale()))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from shortened import storage
 from shortened.io import write_json_atomic
 from shortened.sweep.config import SweepConfig, SweepMethod
 
@@ -157,7 +158,7 @@ class TrialResult(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> TrialResult:
-        return cls.model_validate_json(Path(path).read_text())
+        return cls.model_validate_json(storage.path(path).read_text())
 
     def __str__(self) -> str:  # Tune logs a reported object by str(): its result.json then holds this JSON
         return self.model_dump_json()
@@ -208,8 +209,8 @@ def prune_stage(cfg: SweepConfig, spec: TrialSpec, scores_file: str, out: str) -
     from shortened.pruning import PRUNING_JSON, prune_and_save, resolve_block_count
 
     cfg, spec = SweepConfig.model_validate(cfg), TrialSpec.model_validate(spec)  # instances pass as they are
-    if (Path(out) / PRUNING_JSON).is_file():
-        return json.loads((Path(out) / PRUNING_JSON).read_text())
+    if (storage.path(out) / PRUNING_JSON).is_file():
+        return json.loads((storage.path(out) / PRUNING_JSON).read_text())
     model = load_model(cfg.model, gguf_file=cfg.gguf_file, device="cpu", dtype=cfg.dtype)
     n = resolve_block_count(model, ratio=spec.ratio, blocks=spec.blocks, keep_first=cfg.keep_first,
                             keep_last=cfg.keep_last)
@@ -241,8 +242,8 @@ def evaluate_stage(cfg: SweepConfig, model: str, gguf_file: str | None, out: str
     from shortened.models import load_model, load_tokenizer
 
     _threads_for_task()
-    if Path(out).is_file():
-        return json.loads(Path(out).read_text())
+    if storage.path(out).is_file():
+        return json.loads(storage.path(out).read_text())
     m = load_model(model, gguf_file=gguf_file, device=cfg.device, dtype=cfg.dtype,
                    attn_implementation=cfg.attn_implementation)
     result = evaluate(m, load_tokenizer(model, gguf_file=gguf_file), cfg.eval.model_copy(update={"speed": False,
@@ -259,8 +260,8 @@ def speed_stage(cfg: SweepConfig, model: str, out: str | Path) -> dict:
     from shortened.models import load_model, load_tokenizer
 
     _threads_for_task()
-    if Path(out).is_file():
-        return json.loads(Path(out).read_text())
+    if storage.path(out).is_file():
+        return json.loads(storage.path(out).read_text())
     e = cfg.eval
     opts = {"device": cfg.device, "dtype": cfg.dtype, "attn_implementation": cfg.attn_implementation}
     models = {"baseline": (load_model(cfg.model, gguf_file=cfg.gguf_file, **opts),

@@ -17,8 +17,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shortened import storage
 from shortened.cluster import ClusterChecked, ScaleConfig, check_job_paths, check_shared_storage, connect
 from shortened.errors import ShortenedError
+from shortened.io import check_output
 from shortened.pruning import PRUNING_JSON
 from shortened.training import identity
 from shortened.training.config import TrainConfig
@@ -48,9 +50,10 @@ def phases_for(model: str, out: str, cfg: TrainConfig, storage_path: str, name: 
     return [Phase(method=cfg.method, model=model, out=out, tokens=cfg.train_tokens, train=cfg, run=name)]
 
 
-def cpt_export(storage_path: str | Path, name: str) -> Path:
-    """Where ``cpt+lora``'s CPT phase exports the model its LoRA phase starts from: beside the runs."""
-    return Path(storage_path) / f"{name}-cpt" / "model"
+def cpt_export(storage_path: str | Path, name: str):
+    """Where ``cpt+lora``'s CPT phase exports the model its LoRA phase starts from: beside the runs (a Path, or a
+    UPath when the storage is an object store)."""
+    return storage.path(storage_path) / f"{name}-cpt" / "model"
 
 
 def find_teacher(model: str, cfg: TrainConfig) -> str:
@@ -85,7 +88,13 @@ def absolute_data(cfg: TrainConfig) -> TrainConfig:
 
 
 def check_model_folder(model: str, what: str = "--model") -> None:
-    """A local HF model folder the workers can load: config.json, weight files and a tokenizer."""
+    """A HF model folder the workers can load: config.json, weight files and a tokenizer (one at an object-store URL
+    is checked in this node's cache copy: it must be a complete published folder)."""
+    if storage.is_url(model):
+        try:
+            model = str(storage.local_copy(model))
+        except ShortenedError as exc:
+            raise ShortenedError(f"{what} {exc}") from exc
     p = Path(model)
     if not (p / "config.json").is_file():
         raise ShortenedError(f"{what} {model!r}: not a Hugging Face model folder (no config.json); prune or "
@@ -136,6 +145,9 @@ def check_inputs(model: str, out: str, cfg: TrainConfig, overwrite: bool) -> Non
 
     check_model_folder(model)
     DocumentStream(cfg.data)  # resolves the source: a missing path or an empty glob fails here
+    if storage.is_url(out):
+        check_output(out, kind="dir", overwrite=overwrite, flag="output folder", create=False)
+        return
     o = Path(out)
     if o.exists() and any(o.iterdir()) and not overwrite:
         raise ShortenedError(f"output folder {out!r} is not empty (use --overwrite to replace it)")
@@ -177,7 +189,7 @@ def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None
     if not name or "/" in name or name in (".", ".."):
         raise ShortenedError(f"bad run name {name!r}: it names a folder under the storage path")
     check_job_paths(out=out, storage_path=storage_path)
-    model, out, storage_path = (str(Path(p).expanduser().resolve()) for p in (model, out, storage_path))
+    model, out, storage_path = (storage.absolute(p) for p in (model, out, storage_path))  # URLs stay URLs
     cfg = absolute_data(cfg)
     check_inputs(model, out, cfg, overwrite)
     if cfg.method == "distill":
@@ -186,21 +198,27 @@ def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None
     phases = phases_for(model, out, cfg, storage_path, name, teacher)
     records = run_records(phases, scale)
     for phase, record in zip(phases, records):
-        identity.check_run(Path(storage_path) / phase.run, record, workers_hint)
+        identity.check_run(storage.path(storage_path) / phase.run, record, workers_hint)
     if checked is None or not checked.covers(storage_path, scale):
         connect(address)
         scale.check_placement()
-        check_shared_storage(storage_path)
+        if storage.is_url(storage_path):  # an object store: every node reaches it as the driver does
+            storage.check_writable(storage_path)
+        else:
+            check_shared_storage(storage_path)
+    ray_storage = ({"storage_path": storage_path} if not storage.is_url(storage_path) else
+                   dict(zip(("storage_filesystem", "storage_path"), storage.pyarrow_filesystem(storage_path))))
+    worker_env = {**storage.worker_env(), **(worker_env or {})}
     results = []
     for phase, record in zip(phases, records):
-        identity.write_record(Path(storage_path) / phase.run, record)
+        identity.write_record(storage.path(storage_path) / phase.run, record)
         trainer = TorchTrainer(
             train_worker, train_loop_config=phase.model_dump(),
             scaling_config=ScalingConfig(
                 num_workers=scale.num_workers, use_gpu=scale.use_gpu,
                 resources_per_worker=scale.worker_bundle(),
                 placement_strategy=scale.placement_strategy),
-            run_config=RunConfig(name=phase.run, storage_path=storage_path,
+            run_config=RunConfig(name=phase.run, **ray_storage,
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                                  failure_config=FailureConfig(max_failures=max_failures),
                                  worker_runtime_env={"env_vars": worker_env} if worker_env else None))

@@ -1,0 +1,137 @@
+"""Object storage end to end against a real S3 API server (moto in server mode, started here on 127.0.0.1): the
+storage layer's publish/fetch round trip and its errors, a retraining whose Ray Train checkpoints and exported model
+live in a bucket, and a sweep whose whole experiment folder does. The multi-node run, where nodes share no disk, is
+in tests/test_cluster.py."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from s3_server import S3Server
+from shortened import storage
+from shortened.errors import ShortenedError
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("moto")).start()
+    saved = {k: os.environ.get(k) for k in (*server.env(), storage.CACHE_ENV)}
+    os.environ.update(server.env())
+    os.environ[storage.CACHE_ENV] = str(tmp_path_factory.mktemp("node-cache"))
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+def test_a_published_folder_is_there_only_when_complete_and_reads_back_through_the_node_cache(s3, tmp_path):
+    bucket = s3.bucket()
+    url = f"s3://{bucket}/models/m"
+    src = tmp_path / "m"
+    (src / "sub").mkdir(parents=True)
+    (src / "model.safetensors").write_bytes(os.urandom(1000))
+    (src / "sub" / "x.txt").write_text("x")
+    (src / "pruning.json").write_text('{"a": 1}')
+    assert not storage.is_complete(url)
+    with pytest.raises(ShortenedError, match="no complete folder there"):
+        storage.local_copy(url)
+    storage.publish_dir(src, url)
+    keys = s3.keys(bucket)
+    assert keys == ["models/m/.complete", "models/m/model.safetensors", "models/m/pruning.json", "models/m/sub/x.txt"]
+    local = storage.local_copy(url)
+    assert (local / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    assert json.loads((local / "pruning.json").read_text()) == {"a": 1}
+    assert storage.local_copy(url) == local  # cached: one download per node and publication
+    (src / "pruning.json").write_text('{"a": 2}')
+    storage.publish_dir(src, url)  # republished: a new marker, fetched again
+    assert json.loads((storage.local_copy(url) / "pruning.json").read_text()) == {"a": 2}
+    # a URL is never a local path: nothing named "s3:" appears here
+    assert storage.path(url).as_uri().startswith("s3://") and not Path("s3:").exists()
+
+
+def test_bad_buckets_are_named_errors(s3, monkeypatch):
+    with pytest.raises(ShortenedError, match=r"bucket 'no-such-bucket-x' does not exist"):
+        storage.check_writable("s3://no-such-bucket-x/runs")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    with pytest.raises(ShortenedError, match=r"cannot reach the object store at http://127.0.0.1:9"):
+        storage.check_writable(f"s3://{s3.bucket()}/runs")
+    monkeypatch.setenv(storage.OPTIONS_ENV, "[1")
+    with pytest.raises(ShortenedError, match=storage.OPTIONS_ENV):
+        storage.check_writable("s3://x/runs")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_retrain_keeps_checkpoints_and_the_model_in_the_bucket(s3, local_ray, tiny_llama_dir, tmp_path,
+                                                               monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from shortened.data import DataConfig
+    from shortened.training.config import TrainConfig
+    from shortened.training.retrain import ScaleConfig, retrain
+
+    monkeypatch.chdir(tmp_path)
+    bucket = s3.bucket()
+    cfg = TrainConfig(train_tokens=64 * 2 * 8, micro_batch_size=2, data=DataConfig(seq_len=64), lr=3e-3,
+                      warmup_ratio=0.0, report_every_steps=2, checkpoint_every_tokens=64 * 2 * 4, zero_stage=0)
+    out = f"s3://{bucket}/models/cpt"
+    res = retrain(str(tiny_llama_dir), out, cfg, storage_path=f"s3://{bucket}/runs", name="s3run",
+                  scale=ScaleConfig(num_workers=1, cpus_per_worker=1))
+    keys = s3.keys(bucket)
+    assert "models/cpt/.complete" in keys and "models/cpt/retraining.json" in keys
+    assert any(k.startswith("runs/s3run/checkpoint_") for k in keys), keys
+    assert "runs/s3run/shortened-run.json" in keys
+    assert res.model_dir == out and str(res.phases[0]["checkpoint"]).startswith(bucket)
+    record = json.loads(storage.path(out + "/retraining.json").read_text())
+    assert record["history"][-1]["tokens"] == 64 * 2 * 8
+    model = AutoModelForCausalLM.from_pretrained(storage.local_copy(out))
+    assert model.config.num_hidden_layers == 8
+    assert not any(p.name.startswith("s3") for p in tmp_path.iterdir())  # no local folder named after the URL
+    # the same name again resumes (finished: no new step) and a second retraining cannot overwrite the model
+    with pytest.raises(ShortenedError, match="a model folder is there already"):
+        retrain(str(tiny_llama_dir), out, cfg, storage_path=f"s3://{bucket}/runs", name="other")
+
+
+def test_a_sweep_lives_in_the_bucket(s3, local_ray, tiny_llama_dir, tmp_path, monkeypatch):
+    from test_sweep import tiny_sweep
+
+    from shortened.sweep import load_sweep_config, run_sweep
+    from shortened.sweep.report import open_experiment
+
+    monkeypatch.chdir(tmp_path)
+    bucket = s3.bucket()
+    raw = tiny_sweep(tiny_llama_dir, Path("unused"), blocks=[2], methods=["cpt"], name="s3sweep",
+                     storage_path=f"s3://{bucket}/runs")
+    raw["eval"]["tasks"] = []
+    raw["train"]["train_tokens"] = 256
+    (tmp_path / "s.yaml").write_text(json.dumps(raw))
+    outcome = run_sweep(load_sweep_config(tmp_path / "s.yaml"))
+    keys = s3.keys(bucket)
+    root = "runs/s3sweep/"
+    for key in ("sweep.json", "selection.json", "scores/ppl.json", "trials/dense/result.json",
+                "trials/ppl-b2-cpt/result.json", "trials/ppl-b2-cpt/pruned/.complete",
+                "trials/ppl-b2-cpt/model/.complete", "trials/ppl-b2-cpt/eval.json", "speed/blocks6.json"):
+        assert root + key in keys, (key, keys)
+    assert any(k.startswith(root + "train/ppl-b2-cpt/checkpoint_") for k in keys)
+    assert any(k.startswith(root + "tune/") for k in keys)
+    assert str(outcome.experiment_dir) == f"s3://{bucket}/runs/s3sweep"
+    store, name, folder = open_experiment(f"s3://{bucket}/runs/s3sweep")
+    trials = {t["key"]: t for t in store.trials(name)}
+    assert sorted(trials) == ["dense", "ppl-b2-cpt"] and trials["ppl-b2-cpt"]["tokens_trained"] == 256
+    assert trials["ppl-b2-cpt"]["model_path"] == f"s3://{bucket}/runs/s3sweep/trials/ppl-b2-cpt/model"
+    assert not any(p.name.startswith("s3") for p in tmp_path.iterdir())
