@@ -21,6 +21,8 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	touch $(STAMP)
 
 test: venv
+	# the report's browser test opens it in Debian's headless chromium
+	command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y --no-install-recommends chromium; }
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
 
 test-fast: venv
