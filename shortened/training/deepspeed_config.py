@@ -38,9 +38,15 @@ def phase_offload(cfg: TrainConfig, method: str) -> dict[str, bool]:
     return {"params": params, "optimizer": optimizer}
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str, method: str | None = None) -> dict:
+def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str, method: str | None = None,
+                     hidden_size: int | None = None) -> dict:
     """The DeepSpeed config of one phase: ``method`` is the phase's (cpt, lora or distill; default: the config's
-    method, which must then not be cpt+lora), whose ZeRO stage is :func:`phase_zero_stage`."""
+    method, which must then not be cpt+lora), whose ZeRO stage is :func:`phase_zero_stage`.
+
+    ``hidden_size`` (the model's): the ZeRO buckets are sized from it (:func:`zero_buckets`) instead of DeepSpeed's
+    fixed defaults, which are sized for GPUs and keep up to 5·10⁸ gradient elements and 10⁹ gathered parameters
+    alive per rank — for a model under 10⁹ parameters a whole extra copy of the weights and of the gradients on
+    every rank, whatever the worker count."""
     method = method or cfg.method
     if method not in PHASE_METHODS:
         raise ValueError(f"deepspeed_config is per phase ({', '.join(PHASE_METHODS[:-1])} or {PHASE_METHODS[-1]}), "
@@ -54,6 +60,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str, method: 
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if hidden_size and stage >= 1:
+        zero.update(zero_buckets(hidden_size, stage))
     ds = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -71,3 +79,18 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str, method: 
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "betas": list(cfg.betas),
                                                         "weight_decay": cfg.weight_decay}}
     return ds
+
+
+def zero_buckets(hidden_size: int, stage: int) -> dict:
+    """ZeRO bucket sizes (in elements) for a model of width ``hidden_size`` (h): transformers' Trainer rules for its
+    ``"auto"`` values (``reduce_bucket_size`` h², ``stage3_prefetch_bucket_size`` 0.9·h²,
+    ``stage3_param_persistence_threshold`` 10·h; transformers.integrations.deepspeed.HfTrainerDeepSpeedConfig), and
+    under ZeRO-3 at most 10·h² parameters kept gathered between uses (``stage3_max_live_parameters``,
+    ``stage3_max_reuse_distance``; DeepSpeed's default 10⁹ keeps every gathered weight of a smaller model alive
+    from the forward to the backward pass, a full unpartitioned copy on every rank)."""
+    h2 = hidden_size * hidden_size
+    out = {"reduce_bucket_size": h2}
+    if stage == 3:
+        out.update(stage3_prefetch_bucket_size=int(0.9 * h2), stage3_param_persistence_threshold=10 * hidden_size,
+                   stage3_max_live_parameters=10 * h2, stage3_max_reuse_distance=10 * h2)
+    return out

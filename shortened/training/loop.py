@@ -33,7 +33,7 @@ from shortened.training.distill import distill_loss
 from shortened.training.export import export
 from shortened.training.faults import maybe_fail
 from shortened.training.lora import with_lora  # noqa: F401 (re-export: with_lora lived here until the loop was split)
-from shortened.training.phase import Phase, build_model
+from shortened.training.phase import Phase, build_model, partitioned_init
 from shortened.training.session import RaySession, Session
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def run(phase: Phase, session: Session) -> dict:
     reported ({} when no step was taken)."""
     cfg = phase.train
     precision = _setup_device(cfg, session)
-    tokenizer, model, teacher = _setup_models(phase, session.device, precision)
+    tokenizer, model, teacher = _setup_models(phase, session, precision)
     steps_total = cfg.total_steps(session.world_size, phase.tokens)
     engine, scheduler, zero = _setup_engine(phase, model, session, precision, steps_total)
     stream = _setup_data(cfg, tokenizer, session)
@@ -106,24 +106,46 @@ def _skip_shm_comm_build() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def _setup_models(phase: Phase, device: torch.device, precision: str) -> tuple[Any, torch.nn.Module,
-                                                                                 torch.nn.Module | None]:
+def _setup_models(phase: Phase, session: Session, precision: str) -> tuple[Any, torch.nn.Module,
+                                                                          torch.nn.Module | None]:
     """The tokenizer, the model to train (on the CPU, DeepSpeed moves it; LoRA-wrapped for ``lora``:
-    :func:`build_model`) and, for ``distill``, the frozen teacher on ``device``. The attention kernel is resolved
-    for the device and precision the model trains in, not the CPU it is loaded on; flash-attention loads in the
-    training dtype (DeepSpeed casts the module to it anyway)."""
+    :func:`build_model`) and, for ``distill``, the frozen teacher on the session's device. The student is loaded in
+    the training dtype (no fp32 copy of a model that trains in bf16) and, under ZeRO-3, built partitioned
+    (:func:`~shortened.training.phase.partitioned_init`: no rank ever holds the whole model). The attention kernel
+    is resolved for the device and precision the model trains in, not the CPU it is loaded on. The teacher is
+    inference-only: loaded whole, before the student (so it is not partitioned), in bf16 when training in bf16."""
     from shortened.device import resolve_attn_implementation
     from shortened.models import load_model, load_tokenizer
 
+    device = session.device
     tokenizer = load_tokenizer(phase.model)
     train_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     attn = resolve_attn_implementation(phase.train.attn_implementation, device, train_dtype)
-    model = build_model(phase, train_dtype if attn.startswith("flash") else torch.float32, attn)
     teacher = None
     if phase.method == "distill":
         teacher = load_model(phase.teacher, device=str(device), dtype="bfloat16" if precision == "bf16" else "float32",
                              attn_implementation=attn).eval().requires_grad_(False)
+    ds_cfg = deepspeed_config(phase.train, session.world_size, precision, phase.method,
+                              hidden_size=_hidden_size(phase.model))
+    with partitioned_init(ds_cfg):
+        model = build_model(phase, train_dtype, attn)
     return tokenizer, model, teacher
+
+
+def _hidden_size(model: torch.nn.Module | str) -> int | None:
+    """The width of a model (its text config's ``hidden_size``; a model folder's config is read), None if it names
+    none: the ZeRO bucket sizes follow it (:func:`~shortened.training.deepspeed_config.zero_buckets`)."""
+    if isinstance(model, str):
+        from transformers import AutoConfig
+
+        from shortened.models import resolve_source
+
+        source = resolve_source(model)  # (a URL is read through the node's cache)
+        config = AutoConfig.from_pretrained(source.path, **source.from_pretrained_kwargs())
+    else:
+        config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "hidden_size", None)
 
 
 def _setup_engine(phase: Phase, model: torch.nn.Module, session: Session, precision: str,
@@ -140,7 +162,7 @@ def _setup_engine(phase: Phase, model: torch.nn.Module, session: Session, precis
     warmup = int(cfg.warmup_ratio * steps_total)
     lr = cfg.lora.lr if phase.method == "lora" else cfg.lr
     groups = param_groups(model, cfg.weight_decay)
-    ds_cfg = deepspeed_config(cfg, session.world_size, precision, phase.method)
+    ds_cfg = deepspeed_config(cfg, session.world_size, precision, phase.method, hidden_size=_hidden_size(model))
     zero_stage = ds_cfg["zero_optimization"]["stage"]
     zero = {"zero_stage": zero_stage, "offload_optimizer": "offload_optimizer" in ds_cfg["zero_optimization"],
             "offload_params": "offload_param" in ds_cfg["zero_optimization"], "attn_implementation": attn_used(model)}
@@ -163,11 +185,12 @@ def _setup_engine(phase: Phase, model: torch.nn.Module, session: Session, precis
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only, not on biases and norm weights."""
+    """Weight decay on matrices only, not on biases and norm weights. A parameter built partitioned (ZeRO-3's
+    ``zero.Init``) is judged by its full shape (``ds_shape``): its own tensor is an empty placeholder."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
