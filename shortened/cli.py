@@ -697,7 +697,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     check_output(out_dir, kind="folder", overwrite=True, flag="--out" if args.out else "report folder", create=False)
     choice = select(store.trials(name), _selection(args, store, name), strict=True)
     check_output(out_dir, kind="folder", overwrite=True, flag="--out" if args.out else "report folder")
-    out = write_report(store, name, out_dir, choice, args.format)
+    from shortened import storage
+
+    if storage.is_url(out_dir):  # an experiment in an object store: written here, uploaded whole
+        with io.staged_dir(str(out_dir)) as local:
+            out = storage.join(out_dir, Path(write_report(store, name, local, choice, args.format)).name)
+    else:
+        out = write_report(store, name, out_dir, choice, args.format)
     print(f"wrote {out}")
     return 0
 

@@ -19,8 +19,10 @@ def open_experiment(ref: str, store_url: str | None = None, storage_path: str = 
                     ) -> tuple[ResultsStore, str, Path | None]:
     """``ref`` is an experiment folder (with sweep.json) or a name under ``storage_path`` or in ``store_url``.
     Returns the store, the experiment's name and its folder (``ExperimentLayout(folder)`` has its paths)."""
-    layout = ExperimentLayout(Path(ref).expanduser().resolve())
-    if not layout.sweep_json.is_file():
+    from shortened import storage
+
+    layout = ExperimentLayout(storage.path(storage.absolute(ref)))  # a folder, or one in an object store
+    if not layout.sweep_json.is_file() and not storage.is_url(ref):
         layout = ExperimentLayout.of(storage_path, ref)
     if layout.sweep_json.is_file():
         saved = json.loads(layout.sweep_json.read_text())
@@ -37,7 +39,7 @@ def open_experiment(ref: str, store_url: str | None = None, storage_path: str = 
                              f"{url.database!r} (reading verbs never create one)")
     store = ResultsStore(store_url)
     exp = store.experiment(ref)
-    return store, ref, Path(exp["experiment_dir"])
+    return store, ref, storage.path(exp["experiment_dir"])
 
 
 def _metric_columns(trials: list[dict]) -> list[str]:

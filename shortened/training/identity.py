@@ -29,6 +29,10 @@ _SAMPLES = 17  # chunks read per weight file (first, last and evenly spaced betw
 def model_fingerprint(path: str | Path) -> str:
     """SHA-256 over a model folder's ``config.json`` and, for every weight file, its name, size and sampled
     content (a whole file up to 17 MiB, else 17 evenly spaced MiB). Two different models of one shape differ."""
+    from shortened import storage
+
+    if storage.is_url(path):  # a folder in an object store: its content, as this node's cached copy holds it
+        path = storage.local_copy(str(path))
     p = Path(path)
     h = hashlib.sha256()
     if p.is_file():  # a .gguf file
