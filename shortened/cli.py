@@ -29,7 +29,7 @@ from shortened.data.config import DataConfig
 from shortened.errors import Interrupted, ShortenedError
 from shortened.evaluation import EvalConfig
 from shortened.pruning import KEEP_FIRST, KEEP_LAST
-from shortened.sweep.config import Selection, SweepConfig
+from shortened.sweep.config import Selection, SweepConfig, TrackingConfig
 from shortened.training.config import TrainConfig
 
 log = logging.getLogger("shortened")
@@ -472,14 +472,20 @@ def cmd_prune_width(args: argparse.Namespace) -> int:
 def cmd_retrain(args: argparse.Namespace) -> int:
     """Heal a pruned model: CPT, LoRA, CPT+LoRA or distillation on Ray Train with DeepSpeed ZeRO;
     re-running the same --name resumes."""
+    from shortened import storage, tracking
     from shortened.io import check_output
     from shortened.training.retrain import retrain
 
     check_output(args.out, kind="dir", overwrite=args.overwrite, flag="--out")  # before 30 s of Ray start-up
+    name = args.name or Path(args.out).name
+    tracking.check_mlflow(args.tracking.mlflow, name, args.typed.flag("mlflow.tracking_uri"))
     result = retrain(args.model, args.out, args.train, scale=args.scale, storage_path=args.storage_path,
-                     name=args.name or Path(args.out).name, max_failures=args.max_failures,
+                     name=name, max_failures=args.max_failures,
                      overwrite=args.overwrite, address=args.address,
                      workers_hint=args.typed.flag("num_workers"))
+    tracking.log_retraining(args.tracking, model=args.model, model_dir=result.model_dir, name=name,
+                            storage_path=storage.absolute(args.storage_path), train=args.train,
+                            num_workers=args.scale.num_workers)
     print(json.dumps({"out": result.model_dir, "metrics": result.metrics,
                       "phases": [{"phase": p["phase"], "run": p["run"], "checkpoint": p["checkpoint"]}
                                  for p in result.phases]}, indent=2, default=str))
@@ -720,7 +726,8 @@ VERBS = (
     Verb("prune-width", cmd_prune_width.__doc__, (Part(PruneWidthOptions),), CALIBRATION_FLAGS),
     Verb("retrain", cmd_retrain.__doc__,
          (Part(RetrainOptions, default_text={"storage_path": "~/ray_results"}),
-          Part(TrainConfig, attr="train", config=True), Part(ScaleConfig, attr="scale")),
+          Part(TrainConfig, attr="train", config=True), Part(ScaleConfig, attr="scale"),
+          Part(TrackingConfig, attr="tracking")),
          {"--data": "--data.source", "--seq-len": "--data.seq_len", "--lora-zero-stage": "--lora.zero_stage",
           "--teacher": "--distill.teacher", "--workers": "--num_workers", "--placement": "--placement_strategy"}),
     Verb("eval", cmd_eval.__doc__,

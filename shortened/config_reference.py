@@ -27,11 +27,11 @@ def config_models() -> list[type[BaseModel]]:
     from shortened.data.calibration import CalibrationConfig
     from shortened.data.config import DataConfig
     from shortened.evaluation import EvalConfig
-    from shortened.sweep.config import Resources, Selection, SweepConfig
+    from shortened.sweep.config import MlflowSettings, Resources, Selection, SweepConfig, TrackingConfig
     from shortened.training.config import DistillSettings, LoraSettings, TrainConfig
 
     return [SweepConfig, TrainConfig, DataConfig, LoraSettings, DistillSettings, CalibrationConfig, EvalConfig,
-            Resources, Selection, ScaleConfig]
+            Resources, Selection, TrackingConfig, MlflowSettings, ScaleConfig]
 
 
 def _markdown(doc: str | None) -> str:

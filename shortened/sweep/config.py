@@ -98,6 +98,47 @@ class Selection(BaseModel):
         return self
 
 
+class MlflowSettings(BaseModel):
+    """MLflow tracking: one run per trial (per retraining on ``retrain``); off unless ``tracking_uri`` is set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    tracking_uri: str | None = None
+    """MLflow tracking URI: a tracking server (http://HOST:5000), a database (sqlite:///mlflow.db, relative to the
+    working directory; postgresql://…) or databricks; none: no MLflow runs."""
+    experiment: str | None = Field(None, min_length=1, max_length=500)
+    """MLflow experiment of the runs (created if missing; default: the sweep's name, or retrain's run name)."""
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from urllib.parse import urlparse
+
+        v = v.strip()
+        url = urlparse(v)
+        if not v or (url.scheme in ("http", "https") and not url.hostname):
+            raise ValueError(f"{v!r} is not a tracking URI (http://HOST:PORT, sqlite:///FILE.db, …)")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return self.tracking_uri is not None
+
+
+class TrackingConfig(BaseModel):
+    """Experiment tracking: MLflow runs and TensorBoard event files (written by :mod:`shortened.tracking`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    """MLflow: one run per trial with its parameters and metrics, the selected trial tagged."""
+    tensorboard: bool = True
+    """TensorBoard event files of each training run (loss, LR, throughput by step) in its Ray Train run folder,
+    RUN/tensorboard (a sweep: EXPERIMENT/train/KEY/tensorboard)."""
+
+
 class SweepConfig(BaseModel):
     """A sweep: criteria × amounts × methods, each trial pruned, retrained, evaluated and stored."""
 
@@ -137,6 +178,8 @@ class SweepConfig(BaseModel):
     """Where experiment folders live: storage_path/name (shared storage on a cluster)."""
     store_url: str | None = None
     """Results store (default: sqlite:///<experiment folder>/results.db)."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Experiment tracking: MLflow runs (one per trial) and TensorBoard event files of the training runs."""
     device: str = "auto"
     """Device of the prune/evaluate tasks."""
     dtype: str = "auto"

@@ -30,6 +30,7 @@ from shortened.sweep.selection import Choice, lower_is_better, metric_value, sel
 from shortened.sweep.store import ResultsStore
 from shortened.sweep.trial import (DENSE, TrialResult, TrialSpec, compute_scores, grid_specs, longest_first, run_trial,
                                    speed_stage)
+from shortened.tracking import SweepTracking
 
 log = logging.getLogger(__name__)
 RESULT = "trial_result"  # the key of a trial's TrialResult in what it reports to Tune
@@ -65,6 +66,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = N
     """Run (or resume) a sweep to the end: setup → scores → trials → speed → selection. Returns what the store holds."""
     start = time.perf_counter()
     cfg = preflight.resolve_paths(cfg)
+    SweepTracking(cfg).check()  # an MLflow store that does not answer is named before the lock and Ray
     with hold_experiment(cfg, resume, address) as checked:
         store, before = setup(cfg, resume, checked)
         phases: dict[str, float] = {}
@@ -226,6 +228,7 @@ def finish(cfg: SweepConfig, store: ResultsStore, before: set[str], resume: bool
     seconds = time.perf_counter() - start
     write_json_atomic(layout.timings_json, {"resumed": resume, "concurrency": checked.concurrency,
                                             "phases_s": phases, "sweep_s": seconds, "trials_run": ran})
+    SweepTracking(cfg).finish(trials, choice.chosen and choice.chosen["key"])  # MLflow runs, TensorBoard files
     return SweepOutcome(cfg.name, layout.root, store.url, trials, choice, seconds, ran, checked.concurrency, phases)
 
 
@@ -368,7 +371,8 @@ def _tune(cfg: SweepConfig, store: ResultsStore, trainable, run_name: str, n_con
                                     num_samples=num_samples, reuse_actors=True),
         run_config=tune.RunConfig(name=run_name, storage_path=str(layout.tune),
                                   failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
-                                  callbacks=[StoreCallback(store.url, cfg.name, len(specs) if specs else None)],
+                                  callbacks=[StoreCallback(store.url, cfg.name, len(specs) if specs else None),
+                                             SweepTracking(cfg).callback()],
                                   verbose=0),
     )
     hide = _HideTuneRestoreHint()
