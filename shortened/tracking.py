@@ -84,8 +84,7 @@ def check_mlflow(settings: MlflowSettings, experiment: str, field: str) -> None:
     """
     if not settings.enabled:
         return
-    uri = settings.tracking_uri
-    url = urlparse(uri)
+    uri, url = settings.shown_uri, urlparse(settings.tracking_uri)
     if url.scheme in ("http", "https"):  # MLflow retries an unreachable server for minutes: ask the socket first
         port = url.port or (443 if url.scheme == "https" else 80)
         try:
@@ -99,6 +98,7 @@ def check_mlflow(settings: MlflowSettings, experiment: str, field: str) -> None:
         raise ShortenedError(f"{field} {uri!r} needs mlflow: pip install mlflow-skinny alembic ({exc})") from exc
     except Exception as exc:  # MlflowException and the store's own errors (a bad scheme, a database refused)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first.replace(settings.tracking_uri, uri)
         raise ShortenedError(f"{field} {uri!r}: the MLflow tracking store refused experiment {experiment!r}: "
                              f"{first}") from exc
 
@@ -118,8 +118,8 @@ class MlflowRuns:
         self.settings, self.experiment = settings, settings.experiment or experiment
         self._client = self._experiment_id = None
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None, "_experiment_id": None}
+    def __getstate__(self) -> dict:  # (Tune saves its callbacks in tuner.pkl: no password lands there)
+        return {**self.__dict__, "settings": _masked(self.settings), "_client": None, "_experiment_id": None}
 
     @property
     def client(self):
@@ -180,6 +180,10 @@ class MlflowRuns:
             self.client.log_batch(run_id, params=params[i:i + MAX_PARAMS_TAGS_PER_BATCH])
         for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
+
+
+def _masked(settings: MlflowSettings) -> MlflowSettings:
+    return settings.model_copy(update={"tracking_uri": settings.shown_uri})
 
 
 def _now() -> int:
@@ -267,6 +271,10 @@ class SweepTracking:
         self.cfg = cfg
         self.mlflow = MlflowRuns(cfg.tracking.mlflow, cfg.name) if cfg.tracking.mlflow.enabled else None
 
+    def __getstate__(self) -> dict:  # (Tune saves its callbacks in tuner.pkl: no password lands there)
+        tracking = self.cfg.tracking.model_copy(update={"mlflow": _masked(self.cfg.tracking.mlflow)})
+        return {**self.__dict__, "cfg": self.cfg.model_copy(update={"tracking": tracking})}
+
     def check(self) -> None:
         if self.mlflow is not None:
             check_mlflow(self.cfg.tracking.mlflow, self.mlflow.experiment, "tracking.mlflow.tracking_uri")
@@ -319,7 +327,12 @@ class SweepTracking:
                                                       chosen or "none")
         except Exception as exc:  # the sweep's results are in the store; tracking catches up on --resume
             log.warning("experiment tracking failed (the sweep's results are in its store; `--resume` writes what "
-                        "is missing): %s", exc)
+                        "is missing): %s", self.safe(exc))
+
+    def safe(self, exc: Exception) -> str:
+        """An error's text with the tracking URI's password masked."""
+        settings = self.cfg.tracking.mlflow
+        return str(exc).replace(settings.tracking_uri, settings.shown_uri) if settings.enabled else str(exc)
 
     def callback(self):
         """A Tune callback that logs each trial as it finishes (on the driver)."""
@@ -342,7 +355,7 @@ class TrackingCallback(tune.Callback):
             self.tracking.trial(out)
         except Exception as exc:
             log.warning("experiment tracking of trial %s failed (written again at the end of the sweep): %s",
-                        out.key, exc)
+                        out.key, self.tracking.safe(exc))
 
 
 def for_sweep(cfg: SweepConfig) -> SweepTracking:

@@ -176,3 +176,19 @@ def test_retrain_flags_and_an_unreachable_server_named_before_ray(tmp_path, tiny
     assert not (tmp_path / "runs").exists()
     with pytest.raises(ValueError, match="tracking.mlflow.tracking_uri"):
         tracked_sweep(tiny_llama_dir, tmp_path, "http://")
+
+
+def test_a_password_in_the_tracking_uri_is_never_saved_or_shown(tmp_path, tiny_llama_dir):
+    import pickle
+
+    from shortened.sweep.runner import run_sweep
+    from shortened.tracking import SweepTracking
+
+    cfg = tracked_sweep(tiny_llama_dir, tmp_path / "runs", "https://bob:s3cret@127.0.0.1:9/mlflow")
+    assert cfg.tracking.mlflow.tracking_uri == "https://bob:s3cret@127.0.0.1:9/mlflow"  # what the client uses
+    saved = json.dumps(cfg.model_dump(mode="json"))  # sweep.json and the store's experiments.config
+    assert "s3cret" not in saved and "https://bob:***@127.0.0.1:9/mlflow" in saved
+    assert b"s3cret" not in pickle.dumps(SweepTracking(cfg).callback())  # what Tune saves in tuner.pkl
+    with pytest.raises(ShortenedError) as err:
+        run_sweep(cfg)
+    assert "s3cret" not in str(err.value) and "bob:***@127.0.0.1:9" in str(err.value)

@@ -122,9 +122,25 @@ class MlflowSettings(BaseModel):
             raise ValueError(f"{v!r} is not a tracking URI (http://HOST:PORT, sqlite:///FILE.db, …)")
         return v
 
+    @model_serializer(mode="wrap")
+    def _masked(self, handler) -> dict:
+        """Dumped (sweep.json, the store) with a password in the URI as ``***`` (:attr:`shown_uri`)."""
+        return {**handler(self), "tracking_uri": self.shown_uri}
+
     @property
     def enabled(self) -> bool:
         return self.tracking_uri is not None
+
+    @property
+    def shown_uri(self) -> str | None:
+        """The URI safe to show or save: a password in it (``https://user:secret@host``) as ``***``. MLflow reads a
+        server's credentials from ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` instead."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        url = urlsplit(self.tracking_uri or "")
+        if not url.password:
+            return self.tracking_uri
+        return urlunsplit(url._replace(netloc=f"{url.username}:***@{url.netloc.rsplit('@', 1)[1]}"))
 
 
 class TrackingConfig(BaseModel):
