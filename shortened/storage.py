@@ -135,6 +135,8 @@ def check_writable(url: str, what: str = "storage path") -> None:
     bucket = inner.split("/", 1)[0]
     probe = f"{inner}/.probe-{uuid.uuid4().hex}"
     endpoint = storage_options(url).get("endpoint_url") or "the default endpoint"
+    if endpoint.startswith(("http://", "https://")):  # the client retries a dead endpoint for long, then says
+        _check_answers(url, endpoint, what)          # "no such bucket": ask the socket first
     try:
         if not fs.exists(bucket):
             raise ShortenedError(f"{what} {url!r}: bucket {bucket!r} does not exist at {endpoint} (create it first, or "
@@ -159,6 +161,20 @@ def check_writable(url: str, what: str = "storage path") -> None:
     finally:
         with contextlib.suppress(Exception):
             fs.invalidate_cache()
+
+
+def _check_answers(url: str, endpoint: str, what: str) -> None:
+    import socket
+    from urllib.parse import urlparse
+
+    parts = urlparse(endpoint)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=5):
+            pass
+    except OSError as exc:
+        raise ShortenedError(f"{what} {url!r}: cannot reach the object store at {endpoint} ({exc}); check "
+                             "AWS_ENDPOINT_URL and that the server is up") from exc
 
 
 # -- folders that move between steps ---------------------------------------------------------------------------

@@ -110,7 +110,8 @@ def test_retrain_keeps_checkpoints_and_the_model_in_the_bucket(s3, local_ray, ti
 def test_a_sweep_lives_in_the_bucket(s3, local_ray, tiny_llama_dir, tmp_path, monkeypatch):
     from test_sweep import tiny_sweep
 
-    from shortened.sweep import load_sweep_config, run_sweep
+    from shortened.sweep import load_sweep_config
+    from shortened.sweep.runner import run_sweep
     from shortened.sweep.report import open_experiment
 
     monkeypatch.chdir(tmp_path)
@@ -134,4 +135,10 @@ def test_a_sweep_lives_in_the_bucket(s3, local_ray, tiny_llama_dir, tmp_path, mo
     trials = {t["key"]: t for t in store.trials(name)}
     assert sorted(trials) == ["dense", "ppl-b2-cpt"] and trials["ppl-b2-cpt"]["tokens_trained"] == 256
     assert trials["ppl-b2-cpt"]["model_path"] == f"s3://{bucket}/runs/s3sweep/trials/ppl-b2-cpt/model"
+    # the report of an experiment in the bucket is written into it, whole
+    from shortened.cli import main
+
+    assert main(["report", f"s3://{bucket}/runs/s3sweep"]) == 0
+    keys = s3.keys(bucket)
+    assert root + "report/.complete" in keys and root + "report/report.md" in keys, keys
     assert not any(p.name.startswith("s3") for p in tmp_path.iterdir())
