@@ -137,19 +137,15 @@ def check_writable(url: str, what: str = "storage path") -> None:
     endpoint = storage_options(url).get("endpoint_url") or "the default endpoint"
     if endpoint.startswith(("http://", "https://")):  # the client retries a dead endpoint for long, then says
         _check_answers(url, endpoint, what)          # "no such bucket": ask the socket first
-    try:
-        if not fs.exists(bucket):
-            raise ShortenedError(f"{what} {url!r}: bucket {bucket!r} does not exist at {endpoint} (create it first, or "
-                                 "check the name and AWS_ENDPOINT_URL)")
+    try:  # the write itself tells the cases apart (exists() answers False to a refused request as well)
         fs.pipe_file(probe, b"probe")
         fs.rm_file(probe)
-    except ShortenedError:
-        raise
     except PermissionError as exc:
         raise ShortenedError(f"{what} {url!r}: access denied writing to bucket {bucket!r} at {endpoint} (check the "
                              f"credentials in AWS_ACCESS_KEY_ID/AWS_PROFILE and the bucket policy): {exc}") from exc
     except FileNotFoundError as exc:
-        raise ShortenedError(f"{what} {url!r}: bucket {bucket!r} does not exist at {endpoint}: {exc}") from exc
+        raise ShortenedError(f"{what} {url!r}: bucket {bucket!r} does not exist at {endpoint} (create it first, or "
+                             f"check the name and AWS_ENDPOINT_URL): {exc}") from exc
     except OSError as exc:
         raise ShortenedError(f"{what} {url!r}: cannot reach the object store at {endpoint}: {exc}") from exc
     except Exception as exc:  # botocore's EndpointConnectionError, NoCredentialsError... (not OSError subclasses)

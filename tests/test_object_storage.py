@@ -56,9 +56,20 @@ def test_a_published_folder_is_there_only_when_complete_and_reads_back_through_t
     assert storage.path(url).as_uri().startswith("s3://") and not Path("s3:").exists()
 
 
-def test_bad_buckets_are_named_errors(s3, monkeypatch):
+def test_bad_buckets_are_named_errors(s3, monkeypatch, tmp_path):
     with pytest.raises(ShortenedError, match=r"bucket 'no-such-bucket-x' does not exist"):
         storage.check_writable("s3://no-such-bucket-x/runs")
+    # a server that checks credentials (moto enforces IAM after its first request): these are not its users
+    monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "1")
+    strict = S3Server(tmp_path).start()
+    monkeypatch.delenv("INITIAL_NO_AUTH_ACTION_COUNT")
+    try:
+        bucket = strict.bucket()
+        monkeypatch.setenv("AWS_ENDPOINT_URL", strict.endpoint)
+        with pytest.raises(ShortenedError, match=rf"access denied writing to bucket '{bucket}'"):
+            storage.check_writable(f"s3://{bucket}/runs")
+    finally:
+        strict.stop()
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     with pytest.raises(ShortenedError, match=r"cannot reach the object store at http://127.0.0.1:9"):
         storage.check_writable(f"s3://{s3.bucket()}/runs")
