@@ -10,7 +10,7 @@ fp32) and an idle worker's peak (a Ray Train worker that imports the same librar
 
 Goal: ZeRO-3 with 2 workers <= 0.6 x ZeRO-3 with 1 worker, and <= 1.5 x (footprint + idle worker).
 
-    python benchmarks/memory.py [--steps 3] [--seq-len 256] [--configs zero3-1,zero3-2,zero0-1]
+    python benchmarks/memory.py [--steps 3] [--seq-len 128] [--configs zero3-1,zero3-2,zero0-1]
 
 Runs one configuration at a time (the 2-worker run holds two workers at once); about 10 minutes on 2 cores.
 """
@@ -57,26 +57,26 @@ def build_model(folder: Path) -> int:
     return n
 
 
-def idle_worker() -> None:
-    """Ray Train's loop for the idle baseline: import what a training worker imports, then report the peak."""
-    import ray.train
-
+def idle_worker(config: dict) -> None:
+    """Ray Train's loop for the idle baseline: import what a training worker imports, then write the peak to
+    ``config["out"]`` (Ray Train keeps only metrics reported with a checkpoint)."""
     import deepspeed  # noqa: F401
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
     import shortened.training.loop  # noqa: F401
 
-    ray.train.report({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    Path(config["out"]).write_text(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
-def idle_rss_mb(storage: Path) -> float:
+def idle_rss_mb(work: Path) -> float:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    result = TorchTrainer(idle_worker, scaling_config=ScalingConfig(num_workers=1),
-                          run_config=RunConfig(name=f"idle-{int(time.time())}", storage_path=str(storage))).fit()
-    return result.metrics["peak_rss_mb"]
+    out = work / "idle.json"
+    TorchTrainer(idle_worker, train_loop_config={"out": str(out)}, scaling_config=ScalingConfig(num_workers=1),
+                 run_config=RunConfig(name=f"idle-{int(time.time())}", storage_path=str(work / "storage"))).fit()
+    return json.loads(out.read_text())
 
 
 def retrain_peaks(model_dir: Path, work: Path, zero_stage: int, workers: int, steps: int, seq_len: int) -> dict:
@@ -105,7 +105,7 @@ def retrain_peaks(model_dir: Path, work: Path, zero_stage: int, workers: int, st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--configs", default="zero3-1,zero3-2,zero0-1", help="zeroSTAGE-WORKERS, comma-separated")
     args = ap.parse_args()
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -115,7 +115,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="memory-bench-"))
     try:
         params = build_model(work / "model")
-        idle = idle_rss_mb(work / "storage")
+        idle = idle_rss_mb(work)
         runs = {}
         for spec in args.configs.split(","):
             stage, workers = (int(x) for x in spec.removeprefix("zero").split("-"))

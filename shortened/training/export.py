@@ -32,6 +32,7 @@ def export(engine, phase: Phase, rank: int, history: list[dict], world_size: int
     from shortened.models import load_tokenizer
 
     partitioned = bool(engine.zero_optimization_partition_weights())
+    release_optimizer_state(engine)  # training is over (the last checkpoint holds it): room for the gathered copy
     model = engine.module
     targets = getattr(model, "shortened_lora_targets", None)
     trained_in = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -55,6 +56,22 @@ def export(engine, phase: Phase, rank: int, history: list[dict], world_size: int
         write_json_atomic(staging / RETRAINING_JSON, {**retraining_record(phase, history, world_size, targets, zero,
                                                                           peak_rss=peaks, resumes=resumes),
                                                         "saved_dtype": saved})
+
+
+def release_optimizer_state(engine) -> None:
+    """Free the optimizer's per-parameter state (AdamW's two moments: 8 bytes per parameter, divided among the ranks
+    under ZeRO 1–3) once training is over, so that the export's gathered copy takes its place instead of adding to
+    the peak. Walks DeepSpeed's wrappers (``.optimizer``) down to the torch optimizer(s) and clears their
+    ``state``; the engine must not step again."""
+    import gc
+
+    opt, seen = getattr(engine, "optimizer", None), set()
+    while opt is not None and id(opt) not in seen:
+        seen.add(id(opt))
+        if isinstance(opt, torch.optim.Optimizer):
+            opt.state.clear()
+        opt = getattr(opt, "optimizer", None)
+    gc.collect()
 
 
 def merge_lora(model, rank: int, partitioned: bool) -> torch.nn.Module:
