@@ -726,7 +726,8 @@ VERBS = (
     Verb("prune-width", cmd_prune_width.__doc__, (Part(PruneWidthOptions),), CALIBRATION_FLAGS),
     Verb("retrain", cmd_retrain.__doc__,
          (Part(RetrainOptions, default_text={"storage_path": "~/ray_results"}),
-          Part(TrainConfig, attr="train", config=True), Part(ScaleConfig, attr="scale"),
+          Part(TrainConfig, attr="train", config=True),
+          Part(ScaleConfig, attr="scale", skip=frozenset({"workers"})),  # --workers: --num_workers's old spelling
           Part(TrackingConfig, attr="tracking")),
          {"--data": "--data.source", "--seq-len": "--data.seq_len", "--lora-zero-stage": "--lora.zero_stage",
           "--teacher": "--distill.teacher", "--workers": "--num_workers", "--placement": "--placement_strategy"}),

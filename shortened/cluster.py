@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shortened.errors import ShortenedError, validation_message
 
@@ -40,6 +40,11 @@ class ScaleConfig(BaseModel):
 
     num_workers: WorkerCount = 2
     """Ray Train workers (one process each; the world size)."""
+    workers: tuple[WorkerCount, WorkerCount] | None = None
+    """Elastic scaling, [MIN, MAX]: Ray Train starts with as many workers as the cluster has room for, at least MIN
+    and at most MAX, and resizes the group from the latest checkpoint as nodes come and go (the run continues with
+    the same global batch and data order; every count from MIN to MAX must divide the global batch). num_workers
+    then defaults to MAX. None: a fixed num_workers."""
     use_gpu: bool = False
     """Give each worker GPUs (gpus_per_worker)."""
     cpus_per_worker: float = Field(1, gt=0, allow_inf_nan=False)
@@ -63,6 +68,40 @@ class ScaleConfig(BaseModel):
             raise ValueError("needs a number, not a boolean")
         return v
 
+    @field_validator("workers")
+    @classmethod
+    def _min_max(cls, v):
+        if v is not None and v[0] > v[1]:
+            raise ValueError(f"[MIN, MAX] with MIN <= MAX, got MIN {v[0]} > MAX {v[1]}")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _count_from_range(cls, data):
+        """With an elastic ``workers`` range, ``num_workers`` (or a sweep's ``workers_per_trial``) is its MAX."""
+        if isinstance(data, dict) and isinstance(data.get("workers"), (list, tuple)) and len(data["workers"]) == 2:
+            given = [k for k in ("num_workers", "workers_per_trial") if data.get(k) is not None]
+            high = data["workers"][1]
+            if not given:
+                data = {**data, "num_workers": high}
+            elif any(data[k] != high for k in given):
+                raise ValueError(f"give workers [MIN, MAX] or {given[0]}, not both (workers {list(data['workers'])}, "
+                                 f"{given[0]} {data[given[0]]})")
+        return data
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers[0] if self.workers else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers[1] if self.workers else self.num_workers
+
+    @property
+    def ray_num_workers(self) -> int | tuple[int, int]:
+        """Ray Train's ``ScalingConfig(num_workers=...)``: the count, or the elastic (MIN, MAX)."""
+        return tuple(self.workers) if self.workers else self.num_workers
+
     def worker_bundle(self) -> dict[str, float]:
         """The resources one worker holds (Ray Train's ``resources_per_worker``)."""
         return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
@@ -72,8 +111,9 @@ class ScaleConfig(BaseModel):
         return ScaleConfig.model_construct(**{f: getattr(self, f) for f in ScaleConfig.model_fields})
 
     def check_placement(self) -> None:
-        """Fail fast when the cluster can never place these workers (see :func:`check_placement`)."""
-        check_placement(self.num_workers, self.worker_bundle(), self.placement_strategy)
+        """Fail fast when the cluster can never place these workers, at least MIN of an elastic range (see
+        :func:`check_placement`)."""
+        check_placement(self.min_workers, self.worker_bundle(), self.placement_strategy)
 
 
 @dataclass(frozen=True)

@@ -105,12 +105,18 @@ def test_same_retraining_may_change_only_operational_settings(tmp_path, two_mode
                                  "model_fingerprint": identity.model_fingerprint(moved)})
 
 
-def test_checkpoint_of_another_worker_count_is_refused_naming_the_count(tmp_path, two_models):
+def test_checkpoint_resumes_with_a_worker_count_that_splits_its_global_batch(tmp_path, two_models):
+    """Another worker count resumes (tests/test_elastic.py trains it); one that cannot split the checkpoint's
+    global batch (1 worker x 1 sequence) evenly is refused before Ray starts, naming the numbers."""
     a, _ = two_models
     storage = tmp_path / "ray"
     fake_checkpointed_run(storage, "resume-test", a, cfg(), workers=1)
-    with pytest.raises(ShortenedError, match=r"checkpointed by 1 worker\(s\).*resumes only with 1 worker\(s\), "
-                                             r"not 2: use --workers 1"):
+    run_dir = storage / "resume-test"
+    assert identity.run_global_batch(run_dir, cfg(), 2) == 1  # the checkpoint's, not 1 x 1 x 2
+    identity.check_run(run_dir, run_records(phases_for(str(a), "o", cfg(global_batch_size=1), str(storage),
+                                                       "resume-test"), ScaleConfig(num_workers=2))[0])
+    with pytest.raises(ShortenedError, match=r"run 'resume-test': a global batch of 1 sequences cannot be split "
+                                             r"evenly over 2 worker\(s\).*choose --workers among the divisors of 1"):
         retrain(str(a), str(tmp_path / "out"), cfg(), storage_path=str(storage), name="resume-test",
                 scale=ScaleConfig(num_workers=2))
     assert_no_ray()

@@ -321,7 +321,8 @@ def test_lock_heartbeat_and_holders_on_other_hosts(tmp_path):
     lock.release()
 
 
-def test_resume_with_another_worker_count_is_refused_before_ray(tmp_path, tiny_llama_dir):
+def test_resume_with_a_worker_count_that_cannot_split_the_global_batch_is_refused_before_ray(tmp_path,
+                                                                                              tiny_llama_dir):
     import ray
 
     from shortened.sweep.config import resolve_local_paths
@@ -338,10 +339,12 @@ def test_resume_with_another_worker_count_is_refused_before_ray(tmp_path, tiny_l
         (exp / "train" / key / "checkpoint_x" / "data_cursor_rank0.json").write_text("{}")
     (exp / "trials" / "ppl-b4-lora").mkdir(parents=True)
     (exp / "trials" / "ppl-b4-lora" / "result.json").write_text("{}")
-    two = SweepConfig.model_validate(tiny_sweep(tiny_llama_dir, tmp_path / "runs",
-                                                resources={"workers_per_trial": 2, "cpus_per_worker": 0.95}))
-    with pytest.raises(ShortenedError, match=r"workers_per_trial 2 \(ppl-b2-cpt needs 1 worker\(s\)\)"):
-        run_sweep(two, resume=True)
+    # 2 workers would split the global batch of 2 sequences (tests/test_elastic.py resumes a sweep so); 3 cannot
+    three = SweepConfig.model_validate(tiny_sweep(tiny_llama_dir, tmp_path / "runs",
+                                                  resources={"workers_per_trial": 3, "cpus_per_worker": 0.5}))
+    with pytest.raises(ShortenedError, match=r"workers_per_trial 3: ppl-b2-cpt: a global batch of 2 sequences "
+                                             r"cannot be split evenly over 3 worker\(s\)"):
+        run_sweep(three, resume=True)
     assert not ray.is_initialized() and not (exp / "driver.lock").exists()
 
 

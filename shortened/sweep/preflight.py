@@ -199,32 +199,34 @@ def under_lock(cfg: SweepConfig, resume: bool) -> None:
 
 
 def check_train_runs(cfg: SweepConfig) -> None:
-    """An unfinished trial's Ray Train checkpoint resumes only with the worker count that wrote it (its ZeRO
-    partitions and data cursors are per rank), so a resumed config with another ``resources.workers_per_trial``
-    is refused here, naming the count each checkpoint needs."""
-    from shortened.training.identity import checkpoint_world_size, read_record
+    """An unfinished trial's Ray Train run resumes with any worker count that splits its global batch evenly
+    (the data order is global and the optimizer state is resharded on load), so a resumed config with another
+    ``resources.workers_per_trial`` (or ``workers`` range) continues it; a count that cannot split some run's
+    global batch is refused here, naming the runs and their global batches."""
+    from shortened.training.identity import has_checkpoints, read_record, run_global_batch, split_problem
 
     layout = cfg.layout
     if not layout.train.exists():
         return
-    want = cfg.resources.num_workers
+    r = cfg.resources
+    workers = range(r.min_workers, r.max_workers + 1)
     bad = []
     for run_dir in sorted(d for d in layout.train.iterdir() if d.is_dir()):
         keys = {run_dir.name, run_dir.name.rsplit("-", 1)[0]}  # cpt+lora trials run KEY-cpt and KEY-lora
-        if any(layout.result_json(k).is_file() for k in keys):
+        if any(layout.result_json(k).is_file() for k in keys) or not has_checkpoints(run_dir):
             continue
         try:
-            need = checkpoint_world_size(run_dir, read_record(run_dir))
+            read_record(run_dir)
+            problem = split_problem(run_global_batch(run_dir, cfg.train, r.max_workers), workers)
         except ShortenedError:
             continue  # judged (and refused) by the trial's own retrain check
-        if need is not None and need != want:
-            bad.append(f"{run_dir.name} needs {need}")
+        if problem:
+            bad.append(f"{run_dir.name}: {problem}")
     if bad:
         raise ShortenedError(
-            f"experiment {cfg.name!r}: unfinished trials have Ray Train checkpoints written by another worker count "
-            f"than resources.workers_per_trial {want} ({'; '.join(bad)} worker(s)); a checkpoint resumes only with "
-            "the worker count that wrote it: set resources.workers_per_trial back, or delete those runs under "
-            f"{layout.train} to restart their training")
+            f"experiment {cfg.name!r}: unfinished trials cannot resume with resources.workers_per_trial "
+            f"{r.workers or r.num_workers}: {'; '.join(bad)}; choose a worker count that divides their global "
+            f"batch, or delete those runs under {layout.train} to restart their training")
 
 
 # -- on the Ray cluster ----------------------------------------------------------------------------------------------

@@ -1,25 +1,31 @@
-"""Training checkpoints: DeepSpeed's shards plus each rank's data cursor and the trainer state, staged on local
-disk and handed to the session (:func:`save_checkpoint`) after a space check against an estimate of their size
-(:func:`checkpoint_bytes`, :func:`check_staging_space`); resume at the exact next token (:func:`load_checkpoint`)."""
+"""Training checkpoints: DeepSpeed's shards plus each rank's data cursors and the trainer state, staged on local
+disk and handed to the session (:func:`save_checkpoint`: uploaded in the background by default) after a space check
+against an estimate of their size (:func:`checkpoint_bytes`, :func:`check_staging_space`); resume at the exact next
+sequence of the global order, with the same or another worker count (:func:`load_checkpoint`: a checkpoint of
+another world size is converted to DeepSpeed's universal format first, which reshards the optimizer state)."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from shortened.data import PackedStream
+from shortened.data.batches import CURSOR_FILE, GlobalBatches
 from shortened.errors import ShortenedError
 from shortened.training.config import TrainConfig
-from shortened.training.session import Session
+from shortened.training.session import Session, barrier
 
 log = logging.getLogger(__name__)
 CKPT_TAG = "ckpt"
+TRAINER_STATE = "trainer_state.json"  # rank 0's part of a checkpoint: step, metrics history, world size, resumes
 # Slack over checkpoint_bytes: file headers, pickled metadata, the cursors, the trainer state
 _STAGING_MARGIN, _STAGING_SLACK = 1.05, 256 << 20
 
@@ -83,11 +89,18 @@ def check_staging_space(folder: Path, need: int, session: Session) -> None:
 
 @dataclass(frozen=True)
 class Staging:
-    """Where this rank stages a checkpoint before the session takes it, and the bytes this node's ranks need there
-    (:func:`checkpoint_bytes`)."""
+    """Where this rank stages a checkpoint before the session takes it, the bytes this node's ranks need there
+    (:func:`checkpoint_bytes`), and this rank's staged checkpoints still waiting for their background upload (each
+    holds its share of the space until the session has uploaded and deleted it)."""
 
     folder: Path
     need: int
+    pending: list[Path] = field(default_factory=list, compare=False)
+
+    def need_now(self) -> int:
+        """``need`` for the next checkpoint plus one more for each upload still pending."""
+        self.pending[:] = [p for p in self.pending if p.exists()]
+        return self.need * (1 + len(self.pending))
 
 
 def staging_for(cfg: TrainConfig, engine, session: Session, *, zero_stage: int, precision: str) -> Staging:
@@ -102,34 +115,131 @@ def staging_for(cfg: TrainConfig, engine, session: Session, *, zero_stage: int, 
     return Staging(folder, need)
 
 
-def save_checkpoint(engine, stream: PackedStream, session: Session, metrics: dict, history: list[dict],
-                    staging: Staging) -> None:
-    """Every rank writes its DeepSpeed shards and data cursor to a folder under ``staging.folder`` (after checking
-    the space: :func:`check_staging_space`), rank 0 the trainer state (``metrics`` and ``history``); the session
-    takes them to storage (merging the ranks' files) with ``metrics`` as the report."""
+@dataclass
+class TrainerState:
+    """What a checkpoint says about the run besides DeepSpeed's state: the step reached, the metrics history, the
+    worker count that wrote it, and every resume so far (``{"step", "tokens", "workers_before",
+    "workers_after"}``, oldest first)."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    world_size: int | None = None
+    resumes: list[dict] = field(default_factory=list)
+
+
+def save_checkpoint(engine, batches: GlobalBatches, session: Session, metrics: dict, state: TrainerState,
+                    staging: Staging, *, upload: str = "async") -> float:
+    """Every rank writes its DeepSpeed shards and its lanes' data cursors to a fresh folder under
+    ``staging.folder`` (after checking the space: :func:`check_staging_space`), rank 0 the trainer state; the
+    session takes the folder to storage with ``metrics`` as the report: in the background (``upload="async"``:
+    the session deletes the folder once uploaded) or while every worker waits (``"sync"``). Returns the seconds
+    training stood still for it (the stall)."""
+    start = time.perf_counter()
     rank = session.rank
-    check_staging_space(staging.folder, staging.need, session)
-    tmp = tempfile.mkdtemp(prefix="shortened-ckpt-", dir=staging.folder)
+    check_staging_space(staging.folder, staging.need_now(), session)
+    tmp = Path(tempfile.mkdtemp(prefix="shortened-ckpt-", dir=staging.folder))
+    taken = False
     try:
-        engine.save_checkpoint(tmp, tag=CKPT_TAG)
-        (Path(tmp) / f"data_cursor_rank{rank}.json").write_text(json.dumps(stream.state_dict()))
+        engine.save_checkpoint(str(tmp), tag=CKPT_TAG)
+        (tmp / CURSOR_FILE.format(rank=rank)).write_text(json.dumps(batches.state_dict()))
         if rank == 0:
-            (Path(tmp) / "trainer_state.json").write_text(json.dumps({**metrics, "history": history}))
-        session.report(metrics, checkpoint_dir=tmp)
+            (tmp / TRAINER_STATE).write_text(json.dumps({
+                **metrics, "history": state.history, "world_size": session.world_size,
+                "global_batch": batches.global_batch, "resumes": state.resumes}))
+        taken = session.report(metrics, checkpoint_dir=str(tmp), asynchronous=upload == "async")
+        if taken:
+            staging.pending.append(tmp)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not taken:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return time.perf_counter() - start
 
 
-def load_checkpoint(engine, stream: PackedStream, session: Session) -> tuple[int, list[dict]]:
+def load_checkpoint(engine, batches: GlobalBatches, session: Session, staging: Staging) -> TrainerState:
     """Resume from the session's latest checkpoint, if there is one: the DeepSpeed state (weights, optimizer,
-    scheduler) into ``engine``, this rank's data cursor into ``stream`` (the next batch is the one after the last
-    trained). Returns the step reached and the metrics history so far (``0, []`` for a fresh start)."""
-    step, history = 0, []
+    scheduler) into ``engine``, this rank's lanes' data cursors into ``batches`` (the next step's batch is the one
+    after the last trained, for any worker count). A checkpoint written by another worker count is converted to
+    DeepSpeed's universal checkpoint first (:func:`universal_checkpoint`), which reshards the ZeRO optimizer
+    state. The resume is appended to the returned state's ``resumes``. Returns an empty state for a fresh start."""
     with session.restore() as ckpt:
-        if ckpt is not None:
-            engine.load_checkpoint(ckpt, tag=CKPT_TAG)
-            state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
-            step, history = state["step"], state["history"]
-            stream.load_state_dict(json.loads((Path(ckpt) / f"data_cursor_rank{session.rank}.json").read_text()))
-            log.info("rank %d resumed at step %d from %s", session.rank, step, ckpt)
-    return step, history
+        if ckpt is None:
+            return TrainerState(world_size=session.world_size)
+        ckpt = Path(ckpt)
+        raw = (ckpt / TRAINER_STATE).read_bytes()
+        saved = json.loads(raw)
+        before = int(saved.get("world_size") or len(list(ckpt.glob(CURSOR_FILE.format(rank="*")))))
+        if before != session.world_size and _partitioned(engine):
+            with universal_checkpoint(ckpt, staging.folder, session, key=hashlib.sha256(raw).hexdigest()[:16]) as u:
+                _load_universal(engine, u)
+        else:
+            engine.load_checkpoint(str(ckpt), tag=CKPT_TAG)
+        batches.load_state_dict([json.loads(f.read_text()) for f in sorted(ckpt.glob(CURSOR_FILE.format(rank="*")))])
+    step = int(saved["step"])
+    if batches.steps != step:
+        raise ShortenedError(f"checkpoint {ckpt}: the data cursors are at step {batches.steps}, the trainer state at "
+                             f"step {step}")
+    resumes = list(saved.get("resumes", [])) + [{"step": step, "tokens": int(saved.get("tokens", 0)),
+                                                  "workers_before": before, "workers_after": session.world_size}]
+    log.info("rank %d resumed at step %d from %s (%d worker(s) wrote it, %d now)", session.rank, step, ckpt, before,
+             session.world_size)
+    return TrainerState(step, saved["history"], session.world_size, resumes)
+
+
+def _partitioned(engine) -> bool:
+    """Whether the engine's optimizer state is split across ranks (ZeRO 1-3) or kept by DeepSpeed's bf16
+    optimizer, whose checkpoints load only at the world size that wrote them; a plain optimizer (ZeRO-0 in fp32)
+    saves one whole copy that any world size loads."""
+    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
+
+
+@contextlib.contextmanager
+def universal_checkpoint(ckpt: Path, staging: Path, session: Session, *, key: str):
+    """A DeepSpeed checkpoint (``ckpt/CKPT_TAG``) converted to the universal format
+    (``deepspeed.checkpoint.ds_to_universal``: every parameter's fp32 weights and Adam moments whole, one folder
+    each), which loads at any world size. Converted once per node (by its local rank 0, into
+    ``staging/shortened-universal-KEY``; the other ranks wait at a barrier) and removed after loading. Yields the
+    folder to load from with ``tag=CKPT_TAG``."""
+    from types import SimpleNamespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = staging / f"shortened-universal-{key}"
+    if session.local_rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(_LogWriter()):
+            ds_to_universal(SimpleNamespace(input_folder=str(ckpt / CKPT_TAG), output_folder=str(out / CKPT_TAG),
+                                            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                            strict=True, inject_missing_state=True))
+        log.info("converted %s to a universal checkpoint in %.1f s", ckpt, time.perf_counter() - started)
+    barrier(session.device)
+    try:
+        yield out
+    finally:
+        barrier(session.device)
+        if session.local_rank == 0:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _load_universal(engine, folder: Path) -> None:
+    """Load a universal checkpoint: DeepSpeed reads one when its config says ``checkpoint.load_universal``, which
+    the engine was built without (it is a property of the checkpoint, known only now), so it is set for this
+    load."""
+    config = engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        engine.load_checkpoint(str(folder), tag=CKPT_TAG)
+    finally:
+        config.load_universal_checkpoint = before
+
+
+class _LogWriter:
+    """stdout of DeepSpeed's converter (its progress prints) as debug log lines."""
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            log.debug("ds_to_universal: %s", text.rstrip())
+
+    def flush(self) -> None:
+        pass

@@ -96,6 +96,13 @@ class TrainConfig(BaseModel):
     """Sequences per worker per micro-step."""
     grad_accum: int = Field(1, ge=1, le=1 << 20)
     """Micro-steps per optimizer step."""
+    global_batch_size: int | None = Field(None, ge=1)
+    """Sequences per optimizer step across all workers, fixed for the run: the data order and the number of steps
+    follow it, so a run resumed (or elastically resized) with another worker count trains the same batches. None:
+    micro_batch_size x grad_accum x the worker count at the run's first start (the most workers, with an elastic
+    range); a resume keeps the checkpoint's. Each worker count must divide it: a worker trains global_batch_size /
+    workers sequences per step, as grad_accum micro-batches of at most micro_batch_size (re-split when the worker
+    count differs from the one micro_batch_size and grad_accum were set for)."""
     lr: float = Field(1e-4, gt=0, le=1)
     """Peak learning rate (paper: 1e-4)."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -138,6 +145,10 @@ class TrainConfig(BaseModel):
     """Tokens between checkpoints (None: only at the end)."""
     keep_checkpoints: int = Field(2, ge=1)
     """Checkpoints Ray Train keeps."""
+    checkpoint_upload: Literal["async", "sync"] = "async"
+    """How a checkpoint reaches the storage path: async (Ray Train uploads the staged shards in the background
+    while training goes on; the staging folder holds them until then) or sync (every worker waits for the
+    upload)."""
     checkpoint_staging_dir: str | None = None
     """Local folder where each worker writes its DeepSpeed shards before the session (Ray Train, LocalSession)
     takes them to storage; None: the system temporary folder (tempfile.gettempdir(), honouring $TMPDIR), often a
@@ -162,9 +173,28 @@ class TrainConfig(BaseModel):
             raise ValueError(f"betas must each be in [0, 1), got {list(self.betas)}")
         return self
 
+    def global_batch(self, world_size: int) -> int:
+        """Sequences per optimizer step across ``world_size`` workers: ``global_batch_size``, else
+        ``micro_batch_size × grad_accum × world_size``."""
+        return self.global_batch_size or self.micro_batch_size * self.grad_accum * world_size
+
     def tokens_per_step(self, world_size: int) -> int:
-        return self.micro_batch_size * self.data.seq_len * self.grad_accum * world_size
+        return self.global_batch(world_size) * self.data.seq_len
 
     def total_steps(self, world_size: int, tokens: int | None = None) -> int:
         """Optimizer steps to reach the budget (rounded up: at least the budget is trained)."""
         return -(-(tokens or self.train_tokens) // self.tokens_per_step(world_size))
+
+    def for_world_size(self, world_size: int) -> TrainConfig:
+        """This config split over ``world_size`` workers with the global batch fixed (:meth:`global_batch`, made
+        explicit): each worker trains ``global_batch / world_size`` sequences per step as ``grad_accum``
+        micro-batches of the largest size up to ``micro_batch_size`` that divides them. Example: 2 × 1 × 2 workers
+        on 1 worker is 2 × 2; on 4 workers, 1 × 1. Raises ValueError when ``world_size`` does not divide it."""
+        batch = self.global_batch(world_size)
+        if batch % world_size:
+            raise ValueError(f"a global batch of {batch} sequences (global_batch_size) cannot be split evenly over "
+                             f"{world_size} workers")
+        per_worker = batch // world_size
+        micro = next(m for m in range(min(self.micro_batch_size, per_worker), 0, -1) if per_worker % m == 0)
+        return self.model_copy(update={"global_batch_size": batch, "micro_batch_size": micro,
+                                       "grad_accum": per_worker // micro})

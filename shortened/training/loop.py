@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from shortened.data import PackedStream, take
+from shortened.data.batches import GlobalBatches
 from shortened.data.formats import IGNORE_INDEX
 from shortened.errors import ShortenedError
 from shortened.training.audit import log_tokens, token_log_path
-from shortened.training.checkpoint import Staging, load_checkpoint, save_checkpoint, staging_for
+from shortened.training.checkpoint import Staging, TrainerState, load_checkpoint, save_checkpoint, staging_for
 from shortened.training.config import TrainConfig
 from shortened.training.deepspeed_config import deepspeed_config, resolve_precision
 from shortened.training.distill import distill_loss
@@ -48,25 +48,35 @@ def train_worker(config: dict) -> None:
 
 @dataclass
 class Training:
-    """A phase in progress on this worker: what the setup steps of :func:`run` built, and the step and metrics
-    history that :func:`fit` advances (restored from the latest checkpoint on a resume)."""
+    """A phase in progress on this worker: what the setup steps of :func:`run` built, and the trainer state (step,
+    metrics history, resumes) that :func:`fit` advances (restored from the latest checkpoint on a resume)."""
 
     phase: Phase
     session: Session
     engine: Any  # the DeepSpeed engine around the model
     scheduler: Any  # the LR schedule (its last LR is reported)
-    stream: PackedStream  # this rank's packed token stream
+    stream: GlobalBatches  # this rank's share of the global sequence order
     teacher: torch.nn.Module | None  # distillation: the dense model, frozen, on the device
     steps_total: int
     flatten: bool  # micro-batches joined into one row (flash-attention with per-document positions)
     staging: Staging  # where checkpoints are staged, and the space they need
-    step: int = 0
-    history: list[dict] = field(default_factory=list)
+    state: TrainerState = field(default_factory=TrainerState)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def history(self) -> list[dict]:
+        return self.state.history
 
 
 def run(phase: Phase, session: Session) -> dict:
     """Train one phase on this worker: set up, fit to the phase's token budget, export. Returns the last metrics
-    reported ({} when no step was taken)."""
+    reported ({} when no step was taken). The global batch is fixed for the run; this worker's share of it is
+    re-split for the session's world size (:meth:`TrainConfig.for_world_size`), so a resume or an elastic restart
+    with another worker count trains the same steps on the same sequences."""
+    phase = phase.model_copy(update={"train": _split_for(phase.train, session.world_size)})
     cfg = phase.train
     precision = _setup_device(cfg, session)
     tokenizer, model, teacher = _setup_models(phase, session, precision)
@@ -76,9 +86,9 @@ def run(phase: Phase, session: Session) -> dict:
     t = Training(phase, session, engine, scheduler, stream, teacher, steps_total,
                  flatten=_one_row_batches(cfg, model, teacher),
                  staging=staging_for(cfg, engine, session, zero_stage=zero["zero_stage"], precision=precision))
-    t.step, t.history = load_checkpoint(engine, stream, session)
+    t.state = load_checkpoint(engine, stream, session, t.staging)
     fit(t)
-    export(engine, phase, session.rank, t.history, session.world_size, zero)
+    export(engine, phase, session.rank, t.history, session.world_size, zero, resumes=t.state.resumes)
     return t.history[-1] if t.history else {}
 
 
@@ -204,9 +214,19 @@ def cosine_with_warmup(optimizer, total_steps: int, warmup_steps: int, min_ratio
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _setup_data(cfg: TrainConfig, tokenizer, session: Session) -> PackedStream:
-    """This rank's share of the packed token stream (its cursor is restored with the checkpoint)."""
-    return PackedStream(cfg.data, tokenizer, rank=session.rank, world_size=session.world_size)
+def _split_for(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """``cfg`` re-split for ``world_size`` workers (:meth:`TrainConfig.for_world_size`); a ShortenedError when the
+    global batch cannot be split over them."""
+    try:
+        return cfg.for_world_size(world_size)
+    except ValueError as exc:
+        raise ShortenedError(str(exc)) from exc
+
+
+def _setup_data(cfg: TrainConfig, tokenizer, session: Session) -> GlobalBatches:
+    """This rank's share of the global sequence order (its lanes' cursors are restored with the checkpoint)."""
+    return GlobalBatches(cfg.data, tokenizer, global_batch=cfg.global_batch(session.world_size),
+                         micro_batch_size=cfg.micro_batch_size, rank=session.rank, world_size=session.world_size)
 
 
 def _one_row_batches(cfg: TrainConfig, model: torch.nn.Module, teacher: torch.nn.Module | None) -> bool:
@@ -225,37 +245,41 @@ def _varlen_attention(*models) -> bool:
 # -- fit ----------------------------------------------------------------------------------------------------------
 
 def fit(t: Training) -> None:
-    """Train from ``t.step`` to ``t.steps_total``, each step ``grad_accum`` micro-batches. Every
-    ``report_every_steps`` steps, and at a checkpoint, the ranks' mean loss since the last report goes into the
-    metrics (appended to ``t.history`` and reported to the session); a checkpoint is saved each time the tokens
-    trained cross a multiple of ``checkpoint_every_tokens``, and after the last step."""
+    """Train from ``t.step`` to ``t.steps_total``, each step ``grad_accum`` micro-batches of this rank's share of
+    the global batch. Every ``report_every_steps`` steps, and at a checkpoint, the ranks' mean loss since the last
+    report goes into the metrics (appended to ``t.history`` and reported to the session); a checkpoint is saved
+    each time the tokens trained cross a multiple of ``checkpoint_every_tokens``, and after the last step, and the
+    seconds training stood still for it are added to that step's metrics as ``checkpoint_stall_s``."""
     cfg, session = t.phase.train, t.session
     tokens_per_step = cfg.tokens_per_step(session.world_size)
     token_log = token_log_path(t.phase.out) if cfg.token_log else None
-    it = iter(t.stream)
+    asynchronous = cfg.checkpoint_upload == "async"
     t.engine.train()
     # [sum of micro-batch losses, micro-batches] since the last report, on the device: no sync per micro-batch,
     # and the all-reduce (NCCL on GPUs) gets a tensor on its device
     window = torch.zeros(2, dtype=torch.float64, device=session.device)
     window_start = time.perf_counter()
+    started_at = t.step
     while t.step < t.steps_total:
-        for micro in range(cfg.grad_accum):
-            batch = take(it, cfg.micro_batch_size)
+        for micro, batch in enumerate(t.stream.step_batches()):
             if token_log is not None:
-                log_tokens(token_log, session.rank, t.step, micro, batch["input_ids"])
+                log_tokens(token_log, session.rank, t.step, micro, batch["input_ids"], sequences=batch["sequence"],
+                           world_size=session.world_size, started_at=started_at)
             loss = _train_micro_batch(t, batch)
             window[0] += loss.detach().double()
             window[1] += 1
-        t.step += 1
+        t.state.step += 1
         tokens = t.step * tokens_per_step
         save = t.step == t.steps_total or _crosses(tokens, tokens_per_step, cfg.checkpoint_every_tokens)
         if t.step % cfg.report_every_steps == 0 or save:
             metrics = _window_metrics(t, window, time_start=window_start, tokens=tokens)
             t.history.append(metrics)
             if save:
-                save_checkpoint(t.engine, t.stream, session, metrics, t.history, t.staging)
+                stall = save_checkpoint(t.engine, t.stream, session, dict(metrics), t.state, t.staging,
+                                        upload=cfg.checkpoint_upload)
+                metrics["checkpoint_stall_s"] = round(stall, 4)  # in later checkpoints' history and the export
             else:
-                session.report(metrics)
+                session.report(metrics, asynchronous=asynchronous)
             if session.rank == 0:
                 log.info("step %d/%d loss %.4f lr %.2e tokens %d (%.0f tok/s)", t.step, t.steps_total,
                          metrics["loss"], metrics["lr"], tokens, metrics["tokens_per_s"])
@@ -299,7 +323,7 @@ def _window_metrics(t: Training, window: torch.Tensor, *, time_start: float, tok
     return {"step": t.step, "steps_total": t.steps_total, "loss": loss_sum / n,
             "lr": t.scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_s":
             n / cfg.grad_accum / world * cfg.tokens_per_step(world) / max(seconds, 1e-9),
-            "epoch": t.stream.cursor.position.epoch if t.stream.cursor.position else 0,
+            "epoch": t.stream.epoch,
             "phase": t.phase.method}
 
 

@@ -3,7 +3,8 @@
 Everything that can be checked before workers start is checked here, once, at entry: local paths (model, teacher,
 data, output, storage) are made absolute, the model folder must hold a config, weights and a tokenizer, the teacher
 must be readable, the data source must list, the output folder must be free, the run name must not belong to another
-retraining (nor to another worker count; see :mod:`~shortened.training.identity`), the cluster must answer, every
+retraining (see :mod:`~shortened.training.identity`; another worker count, or an elastic ``workers`` range, must split
+the run's global batch evenly), the cluster must answer, every
 node must share the storage path, and the cluster must be able to place the workers (these last three once per
 driver: a caller that checked them, such as a sweep, says so with ``checked``). The worker scale is
 :class:`shortened.cluster.ScaleConfig`.
@@ -167,7 +168,8 @@ def run_records(phases: list[Phase], scale: ScaleConfig) -> list[dict]:
             teacher_fp = identity.model_fingerprint(phase.teacher)
         records.append({"run": phase.run, "model": phase.model, "model_fingerprint": fp, "method": phase.method,
                         "teacher": phase.teacher, "teacher_fingerprint": teacher_fp, "tokens": phase.tokens,
-                        "train": phase.train.model_dump(mode="json"), "num_workers": scale.num_workers})
+                        "train": phase.train.model_dump(mode="json"), "num_workers": scale.num_workers,
+                        "workers": list(scale.workers) if scale.workers else None})
     return records
 
 
@@ -176,9 +178,10 @@ def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None
             worker_env: dict[str, str] | None = None, address: str | None = None,
             workers_hint: str = "--workers", checked: ClusterChecked | None = None) -> RetrainResult:
     """Run every phase with Ray Train; re-running with the same ``name`` and ``storage_path`` resumes (only the same
-    retraining, with the same worker count: anything else is refused before workers start). ``checked``: what the
-    caller already verified about the cluster (a sweep's driver, once for every trial); when it covers this
-    storage path and scale, the connection, placement and shared-storage checks are not run again."""
+    retraining: anything else is refused before workers start; another worker count continues the run exactly, if
+    it splits the global batch evenly). ``checked``: what the caller already verified about the cluster (a sweep's
+    driver, once for every trial); when it covers this storage path and scale, the connection, placement and
+    shared-storage checks are not run again."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -196,9 +199,15 @@ def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None
         where = "--teacher" if teacher else ("distill.teacher" if cfg.distill.teacher else f"{model}/{PRUNING_JSON}")
         teacher = resolve_teacher(teacher or find_teacher(model, cfg), where)
     phases = phases_for(model, out, cfg, storage_path, name, teacher)
+    # the global batch is fixed per run (a resume with another worker count keeps its checkpoint's): each worker
+    # count of the run must split it evenly, which is checked here, before any worker starts
+    phases = [p.model_copy(update={"train": p.train.model_copy(update={"global_batch_size": identity.run_global_batch(
+        storage.path(storage_path) / p.run, p.train, scale.max_workers)})}) for p in phases]
     records = run_records(phases, scale)
     for phase, record in zip(phases, records):
         identity.check_run(storage.path(storage_path) / phase.run, record, workers_hint)
+        identity.check_worker_split(phase.run, phase.train, range(scale.min_workers, scale.max_workers + 1),
+                                    workers_hint)
     if checked is None or not checked.covers(storage_path, scale):
         connect(address)
         scale.check_placement()
@@ -215,7 +224,7 @@ def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None
         trainer = TorchTrainer(
             train_worker, train_loop_config=phase.model_dump(),
             scaling_config=ScalingConfig(
-                num_workers=scale.num_workers, use_gpu=scale.use_gpu,
+                num_workers=scale.ray_num_workers, use_gpu=scale.use_gpu,
                 resources_per_worker=scale.worker_bundle(),
                 placement_strategy=scale.placement_strategy),
             run_config=RunConfig(name=phase.run, **ray_storage,

@@ -34,7 +34,10 @@ class Session:
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, asynchronous: bool = False) -> bool:
+        """Report ``metrics`` (and the checkpoint staged in ``checkpoint_dir``). ``asynchronous``: upload the
+        checkpoint in the background if the session can, and then take the folder (delete it once uploaded).
+        Returns whether the session took the folder; if not, the caller deletes it."""
         raise NotImplementedError
 
     @contextmanager
@@ -58,11 +61,16 @@ class RaySession(Session):
 
         return ray.train.torch.get_device()
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, asynchronous: bool = False) -> bool:
+        """``ray.train.report``; ``asynchronous``: with ``CheckpointUploadMode.ASYNC`` (Ray Train uploads the folder
+        in a background thread and deletes it after; reports stay in order, so a metrics-only report is made the
+        same way, else it would wait for a pending upload)."""
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        mode = ray.train.CheckpointUploadMode.ASYNC if asynchronous else ray.train.CheckpointUploadMode.SYNC
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode)
+        return checkpoint is not None and asynchronous
 
     @contextmanager
     def restore(self) -> Iterator[str | None]:
@@ -98,7 +106,8 @@ class LocalSession(Session):
         root = self.run_dir / "checkpoints"
         return sorted(p for p in root.glob("[0-9]*") if p.is_dir()) if root.is_dir() else []
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, asynchronous: bool = False) -> bool:
+        """Copies the checkpoint folder while the caller waits (``asynchronous`` is not supported: False)."""
         self.metrics.append(metrics)
         if self.rank == 0:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -111,6 +120,7 @@ class LocalSession(Session):
             if self.rank == 0:
                 for old in self._checkpoints()[:-self.keep]:
                     shutil.rmtree(old)
+        return False
 
     @contextmanager
     def restore(self) -> Iterator[str | None]:
