@@ -23,6 +23,9 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 test: venv
 	# the report's browser test opens it in Debian's headless chromium
 	command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y --no-install-recommends chromium; }
+	# the results store's tests start a real PostgreSQL server (tests/pg_server.py): Debian's postgresql
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10
 
 test-fast: venv

@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, field_serializer, field_validator, model_serializer,
+                      model_validator)
 
 from shortened.cluster import ScaleConfig, WorkerCount
 from shortened.criteria import CRITERIA
@@ -193,7 +194,8 @@ class SweepConfig(BaseModel):
     storage_path: str = "runs"
     """Where experiment folders live: storage_path/name (shared storage on a cluster)."""
     store_url: str | None = None
-    """Results store (default: sqlite:///<experiment folder>/results.db)."""
+    """Results store (default: sqlite:///<experiment folder>/results.db), or postgresql+psycopg://user@host/db; give
+    the password by PGPASSWORD, ~/.pgpass or ${VAR} in the URL: a literal one is saved masked."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """Experiment tracking: MLflow runs (one per trial) and TensorBoard event files of the training runs."""
     device: str = "auto"
@@ -207,6 +209,23 @@ class SweepConfig(BaseModel):
     attn_implementation: str = "auto"
     """Attention kernel of scoring, evaluation and speed; auto: flash_attention_2 on CUDA when installed, else sdpa
     (eager if unsupported)."""
+
+    @field_serializer("store_url")
+    def _masked_store_url(self, url: str | None) -> str | None:
+        """Dumped (sweep.json, the store's experiments.config) with a literal password masked."""
+        from shortened.sweep.store import mask_url
+
+        return mask_url(url)
+
+    def __getstate__(self) -> dict:
+        """Pickled (Ray tasks and actors, Tune's ``tuner.pkl`` through callbacks that hold the config) with a literal
+        store password masked too: the secret stays in the driver's memory, where the only store writer runs."""
+        from shortened.sweep.store import mask_url
+
+        state = super().__getstate__()
+        if self.store_url:
+            state = {**state, "__dict__": {**state["__dict__"], "store_url": mask_url(self.store_url)}}
+        return state
 
     @field_validator("name")
     @classmethod

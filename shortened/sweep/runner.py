@@ -27,7 +27,7 @@ from shortened.sweep.layout import SWEEP_JSON, TIMINGS_JSON  # noqa: F401 - thei
 from shortened.sweep.lock import ExperimentLock
 from shortened.sweep.preflight import Preflight
 from shortened.sweep.selection import Choice, lower_is_better, metric_value, select, within
-from shortened.sweep.store import ResultsStore
+from shortened.sweep.store import ResultsStore, StoreUnavailable, check_store
 from shortened.sweep.trial import (DENSE, TrialResult, TrialSpec, compute_scores, grid_specs, longest_first, run_trial,
                                    speed_stage)
 from shortened.tracking import SweepTracking
@@ -74,6 +74,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = N
             ensure_scores(cfg, checked.max_blocks)
         with _timed(phases, "trials"):
             run_trials(cfg, store, checked, before, worker_env)
+            recover_finished(cfg, store)  # trials the callback could not store while the database was away
         with _timed(phases, "speed"):
             if cfg.eval.speed:
                 speed_pass(cfg, store)
@@ -87,6 +88,7 @@ def hold_experiment(cfg: SweepConfig, resume: bool, address: str | None) -> Iter
     On the way out the lock is released, folders a refused run created are removed, a Ray started here is stopped,
     and Ctrl-C is a :class:`SweepInterrupted` that says how to resume."""
     n_remove_max = preflight.before_writing(cfg, resume)
+    check_store(cfg.resolved_store_url(), cfg.name, resume)  # a server store: reachable, known schema, new name
     layout = cfg.layout
     created = [p for p in (layout.root, *layout.root.parents) if not p.exists()]
     started_ray, lock = False, None
@@ -263,15 +265,25 @@ def _trainable(config: dict, sweep: SweepConfig, cluster: ClusterChecked | None 
 
 
 class StoreCallback(tune.Callback):
-    """Writes each trial to the store as its state changes, on the driver only. Holds the store's URL, not its
-    engine, so Tune can pickle it into the experiment state."""
+    """Writes each trial to the store as its state changes, on the driver only. Tune pickles it into the
+    experiment state (``tuner.pkl``) as the store's masked URL, without its engine or any password. A write the
+    store could not take (:class:`StoreUnavailable`, after its retries) is a warning, not the end of the sweep: the
+    trial's ``result.json`` is written to the store at the end of the sweep (or on ``--resume``)."""
 
-    def __init__(self, store_url: str, experiment: str, total: int | None = None):
-        self.store_url, self.experiment, self.total = store_url, experiment, total
-        self._store: ResultsStore | None = None
+    def __init__(self, store: ResultsStore | str, experiment: str, total: int | None = None):
+        self._store = store if isinstance(store, ResultsStore) else None
+        self.store_url = store.url if isinstance(store, ResultsStore) else store
+        self.experiment, self.total = experiment, total
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_store": None}
+
+    def _write(self, key: str, what: str, fn) -> None:
+        try:
+            fn()
+        except StoreUnavailable as exc:
+            log.warning("%s; %s of %s is not stored now: it is written from trials/%s/result.json at the end of "
+                        "the sweep or on --resume", exc, what, key, key)
 
     @property
     def store(self) -> ResultsStore:
@@ -287,14 +299,15 @@ class StoreCallback(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         spec: TrialSpec = trial.config["spec"]
         self._progress(trials, f"started {spec.key}")
-        self.store.upsert_trial(self.experiment, spec.key, {
+        self._write(spec.key, "the start", lambda: self.store.upsert_trial(self.experiment, spec.key, {
             "method": spec.method, "criterion": spec.criterion, "ratio": spec.ratio, "blocks_requested": spec.blocks,
-            "status": "running", "tune_trial_id": trial.trial_id, "error": None})
+            "status": "running", "tune_trial_id": trial.trial_id, "error": None}))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         out: TrialResult | None = result.get(RESULT)
         if out is not None:
-            self.store.record_result(self.experiment, out, tune_trial_id=trial.trial_id)
+            self._write(out.key, "the result",
+                        lambda: self.store.record_result(self.experiment, out, tune_trial_id=trial.trial_id))
             self._progress(trials, f"finished {out.key} in {out.timings.total_s / 60:.1f} min: {out.summary()}",
                            finishing=trial)
 
@@ -303,7 +316,8 @@ class StoreCallback(tune.Callback):
         err = ""
         if getattr(trial, "error_file", None) and Path(trial.error_file).is_file():
             err = Path(trial.error_file).read_text()[-4000:]
-        self.store.upsert_trial(self.experiment, spec.key, {"method": spec.method, "status": "error", "error": err})
+        self._write(spec.key, "the error", lambda: self.store.upsert_trial(
+            self.experiment, spec.key, {"method": spec.method, "status": "error", "error": err}))
         self._progress(trials, f"FAILED {spec.key}: {err.strip().splitlines()[-1] if err.strip() else 'see Tune log'}",
                        finishing=trial)
 
@@ -371,7 +385,7 @@ def _tune(cfg: SweepConfig, store: ResultsStore, trainable, run_name: str, n_con
                                     num_samples=num_samples, reuse_actors=True),
         run_config=tune.RunConfig(name=run_name, storage_path=str(layout.tune),
                                   failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
-                                  callbacks=[StoreCallback(store.url, cfg.name, len(specs) if specs else None),
+                                  callbacks=[StoreCallback(store, cfg.name, len(specs) if specs else None),
                                              SweepTracking(cfg).callback()],
                                   verbose=0),
     )
