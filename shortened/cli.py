@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shortened import io
+from shortened import console, io
 from shortened.cli_parser import Parser, Part, Verb, explain
 from shortened.cluster import ScaleConfig
 from shortened.data.calibration import CalibrationConfig
@@ -377,7 +377,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                                        keep_first=args.keep_first, keep_last=args.keep_last)
     scores = _scores_for(args, model, n_remove, tokenizer)
     scores.save(out)
-    print(json.dumps({"criterion": scores.criterion, "scores": [round(s, 4) for s in scores.scores],
+    console.result(json.dumps({"criterion": scores.criterion, "scores": [round(s, 4) for s in scores.scores],
                       "out": str(out)}))
     return 0
 
@@ -411,7 +411,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                             model_name=_recorded_model(args.model), overwrite=args.overwrite,
                             save_dtype=args.save_dtype, source=_source(args))
     r = result.report
-    print(json.dumps({"out": str(result.path), "removed_blocks": r["removed_blocks"], "num_blocks_after": r["num_blocks_after"],
+    console.result(json.dumps({"out": str(result.path), "removed_blocks": r["removed_blocks"], "num_blocks_after": r["num_blocks_after"],
                       "params_before": r["params_before"], "params_after": r["params_after"],
                       "ratio_actual": round(r["ratio_actual"], 4)}))
     return 0
@@ -464,7 +464,7 @@ def cmd_prune_width(args: argparse.Namespace) -> int:
     out = save_width_pruned(model, plan, args.out, tokenizer, source=args.model, params_before=before,
                             overwrite=args.overwrite, dtype=io.resolve_save_dtype(args.save_dtype, _source(args)))
     after = count_params(model)
-    print(json.dumps({"out": str(out), "groups_removed": plan.groups, "channels_removed": plan.channels,
+    console.result(json.dumps({"out": str(out), "groups_removed": plan.groups, "channels_removed": plan.channels,
                       "params_before": before, "params_after": after, "ratio_actual": round(1 - after / before, 4)}))
     return 0
 
@@ -486,7 +486,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     tracking.log_retraining(args.tracking, model=args.model, model_dir=result.model_dir, name=name,
                             storage_path=storage.absolute(args.storage_path), train=args.train,
                             num_workers=args.scale.num_workers)
-    print(json.dumps({"out": result.model_dir, "metrics": result.metrics,
+    console.result(json.dumps({"out": result.model_dir, "metrics": result.metrics,
                       "phases": [{"phase": p["phase"], "run": p["run"], "checkpoint": p["checkpoint"]}
                                  for p in result.phases]}, indent=2, default=str))
     return 0
@@ -541,18 +541,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         baseline = (load_model(baseline_source, **_model_options(args)), baseline_tokenizer)
     result = {"model": args.model, "baseline": args.baseline, **evaluate(model, tokenizer, cfg, baseline)}
     write_json_atomic(out, result)
-    print("| metric | dataset/task | value | protocol |\n|---|---|---|---|")
+    console.result(json.dumps(result, default=str))  # the result, for programs; the tables below go to stderr
+    print("| metric | dataset/task | value | protocol |\n|---|---|---|---|", file=sys.stderr)
     for r in metric_rows(result):
-        print(f"| {r['name']} | {r['dataset']} | {r['value']:.4f} | {r['protocol']} |")
+        print(f"| {r['name']} | {r['dataset']} | {r['value']:.4f} | {r['protocol']} |", file=sys.stderr)
     weak = [t for t in result.get("zeroshot", {}).get("tasks", []) if not t["above_chance"]]
     if weak:
         print("\nnot above chance (within 2 standard errors of guessing, or below): " + ", ".join(
-            f"{t['task']} {t['value']:.4f} (chance {t['chance']:.2f}, {t['items']} items)" for t in weak))
+            f"{t['task']} {t['value']:.4f} (chance {t['chance']:.2f}, {t['items']} items)" for t in weak),
+              file=sys.stderr)
     if "speed" in result:
         from shortened.evaluation.speed import speed_table
 
-        print("\n" + speed_table(result["speed"]))
-    print(f"\nwrote {out}")
+        print("\n" + speed_table(result["speed"]), file=sys.stderr)
+    print(f"\nwrote {out}", file=sys.stderr)
     return 0
 
 
@@ -618,19 +620,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = load_sweep_config(args.config, {"name": args.name, "storage_path": args.storage_path,
                                           "store_url": args.store_url})
     outcome = run_sweep(cfg, resume=args.resume, address=args.address)
-    print(markdown_table(*trial_table(outcome.trials)))
+    console.result(markdown_table(*trial_table(outcome.trials)))
     _print_choice(outcome.choice)
-    print(f"\nexperiment {outcome.experiment_dir} ({len(outcome.ran)} trial(s) run now, "
+    console.result(f"\nexperiment {outcome.experiment_dir} ({len(outcome.ran)} trial(s) run now, "
           f"{outcome.seconds / 60:.1f} min); store {outcome.store_url}")
     return 0
 
 
 def _print_choice(choice) -> None:
     if choice.chosen:
-        print(f"\nselected: {choice.chosen['key']} (policy {choice.policy}, metric {choice.metric})\n  why: "
+        console.result(f"\nselected: {choice.chosen['key']} (policy {choice.policy}, metric {choice.metric})\n  why: "
               f"{choice.reason}\n  model: {choice.chosen['model_path']}")
     else:
-        print(f"\nselected: nothing (policy {choice.policy}, metric {choice.metric})\n  why: {choice.reason}")
+        console.result(f"\nselected: nothing (policy {choice.policy}, metric {choice.metric})\n  why: {choice.reason}")
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -767,6 +769,11 @@ def _quiet_stdout() -> None:
         pass
 
 
+# verbs whose work runs libraries that print on stdout (DeepSpeed's logger, Ray's copy of workers' stdout): their
+# result goes to stdout through console.result, everything else to stderr
+RESULT_VERBS = frozenset({"score", "prune", "prune-width", "retrain", "eval", "sweep"})
+
+
 def command_of(verb: str):
     """The function that runs a verb: ``cmd_score`` for ``score``, ``cmd_prune_width`` for ``prune-width``."""
     return globals()[f"cmd_{verb.replace('-', '_')}"]
@@ -783,10 +790,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exc:  # --help (0) or a bad flag (2, its message already printed)
             return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
         command = f"shortened {args.command}"
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                            format="%(levelname)s %(name)s: %(message)s")
+        console.configure(verbose=args.verbose, quiet=getattr(args, "quiet", False))
         try:
-            code = command_of(args.command)(args)
+            if args.command in RESULT_VERBS:  # libraries print on stdout: only the result goes there
+                with console.results_on_stdout():
+                    code = command_of(args.command)(args)
+            else:
+                code = command_of(args.command)(args)
             sys.stdout.flush()  # a closed pipe shows here, inside the handlers, not in the interpreter's exit
             if code == 0:
                 io.CREATED.clear()

@@ -560,6 +560,17 @@ EPILOG = ("Flags are the config fields: --FIELD, nested ones with dots (--calibr
 
 # -- the top level ----------------------------------------------------------------------------------------------------
 
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's), via its package metadata."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version(PROG)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 class Parser(_JsonArgumentParser):
     """``shortened [-v] VERB …``: finds the verb, lets its :class:`VerbParser` read the rest, and turns a
     :class:`UsageError` into one line on stderr and exit 2."""
@@ -567,7 +578,10 @@ class Parser(_JsonArgumentParser):
     def __init__(self, verbs: Sequence[Verb], description: str) -> None:
         super().__init__(prog=PROG, description=description, formatter_class=HelpFormatter, print_config=None,
                          exit_on_error=False, allow_abbrev=False)
-        self.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+        self.add_argument("-v", "--verbose", action="store_true",
+                          help="log progress (INFO), and let Ray workers show their libraries' progress bars and "
+                               "warnings (silenced by default)")
+        self.add_argument("-V", "--version", action="store_true", help="print the version and exit")
         self.verbs = {v.name: VerbParser(v) for v in verbs}
         sub = self.add_subcommands(dest="command", required=True)
         for verb in verbs:
@@ -581,6 +595,9 @@ class Parser(_JsonArgumentParser):
             flag = argv.pop(0)
             if flag in ("-h", "--help"):
                 self.print_help()
+                self.exit(0)
+            if flag in ("-V", "--version"):
+                print(f"{PROG} {version()}")
                 self.exit(0)
             if flag not in ("-v", "--verbose"):
                 self._fail(PROG, f"unrecognized arguments: {flag}")

@@ -149,8 +149,23 @@ def connect(address: str | None = None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address not in ("auto", "local"):
         _check_reachable(address, source)
+    from shortened import console
+
+    runtime_env = console.ray_runtime_env()  # workers: libraries quiet unless --verbose
+    if not address:  # a new local Ray of this process's own, whatever other instances run on this machine
+        picked_port = not os.environ.get("RAY_GCS_SERVER_PORT")
+        if picked_port:
+            os.environ["RAY_GCS_SERVER_PORT"] = str(_free_port())
+        address = "local"
+        # its workers reach it by address (Ray Train's placement-group cleaner queries the State API, which would
+        # otherwise pick the machine's latest instance, or fail with a traceback when it finds several)
+        gcs = f"{ray.util.get_node_ip_address()}:{os.environ['RAY_GCS_SERVER_PORT']}"
+        runtime_env["env_vars"]["RAY_ADDRESS"] = gcs
+    else:
+        picked_port = False
     try:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env,
+                 logging_level=console.ray_logging_level())
     except ConnectionError as exc:
         raise ShortenedError(f"cannot connect to the Ray cluster at {address!r} (from {source}): {exc}. "
                              f"{UNREACHABLE_HINT}") from exc
@@ -160,7 +175,16 @@ def connect(address: str | None = None) -> bool:
                 f"the Ray cluster at {address!r} refused this client's token: set RAY_AUTH_MODE=token and the "
                 f"cluster's token in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token): {exc}") from exc
         raise
+    finally:
+        if picked_port:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
     return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def _check_reachable(address: str, source: str) -> None:

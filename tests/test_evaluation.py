@@ -226,9 +226,10 @@ def test_cli_eval_writes_every_section(tiny_llama_dir, tmp_path, capsys):
     assert r["model_info"]["blocks"] == 8 and r["versions"]["lm_eval"] == "0.4.13"
     names = {(m["name"], m["dataset"]) for m in metric_rows(r)}
     assert ("ppl", "c4") in names and ("acc_norm", "openbookqa") in names and ("latency_s", "gen-b1-n4") in names
-    printed = capsys.readouterr().out
-    assert "| ppl | wikitext2 |" in printed
-    (weak,) = [line for line in printed.splitlines() if line.startswith("not above chance")]
+    printed = capsys.readouterr()
+    assert json.loads(printed.out) == r  # stdout: the result alone, for programs
+    assert "| ppl | wikitext2 |" in printed.err  # the tables, for people
+    (weak,) = [line for line in printed.err.splitlines() if line.startswith("not above chance")]
     assert "openbookqa" in weak  # 3 items of a random model
 
 

@@ -193,6 +193,9 @@ def evaluate_zeroshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from shortened.console import skip_git_probe
+
+    skip_git_probe(load=True)  # lm-eval's `git describe` of the caller's folder: noise outside git, and not about the model
     names = parse_tasks(tasks)
     batch_size = resolve_batch_size(batch_size, model.device)
     start = time.perf_counter()

@@ -18,6 +18,7 @@ import ray
 from ray import tune
 from ray.tune.search import Searcher
 
+from shortened import console, storage
 from shortened.cluster import ClusterChecked, connect
 from shortened.errors import Interrupted, ShortenedError
 from shortened.io import write_json_atomic
@@ -70,14 +71,15 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, address: str | None = N
     with hold_experiment(cfg, resume, address) as checked:
         store, before = setup(cfg, resume, checked)
         phases: dict[str, float] = {}
-        with _timed(phases, "scores"):
-            ensure_scores(cfg, checked.max_blocks)
-        with _timed(phases, "trials"):
-            run_trials(cfg, store, checked, before, worker_env)
-            recover_finished(cfg, store)  # trials the callback could not store while the database was away
-        with _timed(phases, "speed"):
-            if cfg.eval.speed:
-                speed_pass(cfg, store)
+        with console.SweepConsole(cfg.name, cfg.layout, cfg):  # the live view: a line per trial, and totals
+            with _timed(phases, "scores"):
+                ensure_scores(cfg, checked.max_blocks)
+            with _timed(phases, "trials"):
+                run_trials(cfg, store, checked, before, worker_env)
+                recover_finished(cfg, store)  # trials the callback could not store while the database was away
+            with _timed(phases, "speed"):
+                if cfg.eval.speed:
+                    speed_pass(cfg, store)
         return finish(cfg, store, before, resume, checked, phases, start)
 
 
@@ -127,8 +129,7 @@ def setup(cfg: SweepConfig, resume: bool, checked: Preflight) -> tuple[ResultsSt
     register_experiment(cfg, store, resume)
     recover_finished(cfg, store)
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials resolve relative paths like the driver does
-    log.warning("sweep %s: %d trial(s) at a time, experiment folder %s", cfg.name, checked.concurrency,
-                cfg.layout.root)
+    console.note(f"sweep {cfg.name}: {checked.concurrency} trial(s) at a time, experiment folder {cfg.layout.root}")
     return store, completed(store.trials(cfg.name))
 
 
@@ -166,7 +167,7 @@ def ensure_scores(cfg: SweepConfig, n_remove_max: int) -> None:
     fn = _task(compute_scores, cfg.resources.task_cpu, cfg.resources.task_gpu)
     refs = [fn.remote(cfg, c, n_remove_max, str(layout.scores(c))) for c in todo]
     if refs:
-        log.warning("scoring blocks with %s", ", ".join(todo))
+        console.note(f"scoring blocks with {', '.join(todo)}")
         ray.get(refs)
 
 
@@ -174,10 +175,14 @@ def run_trials(cfg: SweepConfig, store: ResultsStore, checked: Preflight, before
                worker_env: dict[str, str] | None) -> None:
     """Every trial not completed yet, through Tune: the grid, longest first; or the dense baseline, then a bisection
     of the block count."""
+    # Train workers' rank 0 writes its progress where the live view reads it
+    worker_env = {**console.progress_env(cfg.layout.root / "progress"), **(worker_env or {})}
     trainable = tune.with_parameters(_trainable, sweep=cfg, cluster=checked.cluster, worker_env=worker_env)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if cfg.search == "grid":
         pending = longest_first([s for s in grid_specs(cfg) if s.key not in before])
+        if (view := console.active()) is not None:
+            view.add_trials(pending)
         _tune(cfg, store, trainable, f"grid-{stamp}", checked.concurrency, specs=pending)
         return
     if DENSE not in before:
@@ -204,6 +209,9 @@ def speed_pass(cfg: SweepConfig, store: ResultsStore) -> None:
         if t["key"] != DENSE:
             by_blocks.setdefault(t["num_blocks"], []).append(t)
     fn = _task(speed_stage, cfg.resources.task_cpu, cfg.resources.task_gpu)
+    if by_blocks:
+        console.note(f"measuring generation speed against the dense model: {len(by_blocks)} block count(s) "
+                     f"({', '.join(str(n) for n in sorted(by_blocks))} blocks), one at a time")
     for n, group in sorted(by_blocks.items()):
         model = layout.evaluated_model(group[0]["key"], retrained=group[0]["method"] != "none")
         result = ray.get(fn.remote(cfg, str(model), str(layout.speed(n))))
@@ -294,11 +302,14 @@ class StoreCallback(tune.Callback):
     def _progress(self, trials, text: str, finishing=None) -> None:
         done = sum(t.status in ("TERMINATED", "ERROR") or t is finishing for t in trials)
         total = f"/{self.total}" if self.total else ""
-        print(f"[sweep {self.experiment}] {time.strftime('%H:%M:%S')} {done}{total} done · {text}", flush=True)
+        console.note(f"[sweep {self.experiment}] {time.strftime('%H:%M:%S')} {done}{total} done · {text}")
 
     def on_trial_start(self, iteration, trials, trial, **info):
         spec: TrialSpec = trial.config["spec"]
-        self._progress(trials, f"started {spec.key}")
+        if (view := console.active()) is not None:
+            view.trial_started(spec)
+        else:
+            self._progress(trials, f"started {spec.key}")
         self._write(spec.key, "the start", lambda: self.store.upsert_trial(self.experiment, spec.key, {
             "method": spec.method, "criterion": spec.criterion, "ratio": spec.ratio, "blocks_requested": spec.blocks,
             "status": "running", "tune_trial_id": trial.trial_id, "error": None}))
@@ -308,8 +319,11 @@ class StoreCallback(tune.Callback):
         if out is not None:
             self._write(out.key, "the result",
                         lambda: self.store.record_result(self.experiment, out, tune_trial_id=trial.trial_id))
-            self._progress(trials, f"finished {out.key} in {out.timings.total_s / 60:.1f} min: {out.summary()}",
-                           finishing=trial)
+            if (view := console.active()) is not None:
+                view.trial_finished(out.spec, out)
+            else:
+                self._progress(trials, f"finished {out.key} in {out.timings.total_s / 60:.1f} min: {out.summary()}",
+                               finishing=trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         spec: TrialSpec = trial.config["spec"]
@@ -318,8 +332,11 @@ class StoreCallback(tune.Callback):
             err = Path(trial.error_file).read_text()[-4000:]
         self._write(spec.key, "the error", lambda: self.store.upsert_trial(
             self.experiment, spec.key, {"method": spec.method, "status": "error", "error": err}))
-        self._progress(trials, f"FAILED {spec.key}: {err.strip().splitlines()[-1] if err.strip() else 'see Tune log'}",
-                       finishing=trial)
+        if (view := console.active()) is not None:
+            view.trial_failed(spec, err)
+        else:
+            self._progress(trials, f"FAILED {spec.key}: "
+                           f"{err.strip().splitlines()[-1] if err.strip() else 'see Tune log'}", finishing=trial)
 
 
 class BisectSearcher(Searcher):

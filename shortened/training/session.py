@@ -70,6 +70,10 @@ class RaySession(Session):
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         mode = ray.train.CheckpointUploadMode.ASYNC if asynchronous else ray.train.CheckpointUploadMode.SYNC
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode)
+        if self.rank == 0:  # the sweep's live view reads it (when the driver asked for it: SHORTENED_PROGRESS_DIR)
+            from shortened.console import write_training_progress
+
+            write_training_progress(ray.train.get_context().get_experiment_name(), metrics)
         return checkpoint is not None and asynchronous
 
     @contextmanager
