@@ -98,8 +98,8 @@ def configure(verbose: bool = False, quiet: bool = False) -> None:
     """Set this process's console: logging to stderr (INFO with ``verbose``, else WARNING), the Ray log filter for
     what workers forward, and with ``quiet`` no library progress bars or known harmless warnings here."""
     settings.verbose, settings.quiet = verbose, quiet
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not verbose:
         skip_harmless_worker_lines()
         _filter_harmless_logs()
