@@ -66,6 +66,9 @@ def second_ray():
     """Another Ray instance on this machine, as another user's sweep or a test suite would have."""
     import ray
 
+    if ray.is_initialized():  # an earlier test's Ray in this process is still up: it is the other instance
+        yield
+        return
     ray.init(address="local", num_cpus=1, include_dashboard=False)
     yield
     ray.shutdown()
