@@ -153,3 +153,37 @@ def test_a_sweep_lives_in_the_bucket(s3, local_ray, tiny_llama_dir, tmp_path, mo
     keys = s3.keys(bucket)
     assert root + "report/.complete" in keys and root + "report/report.md" in keys, keys
     assert not any(p.name.startswith("s3") for p in tmp_path.iterdir())
+
+
+def test_prune_score_and_eval_write_to_the_bucket_and_read_a_model_from_it(s3, tiny_llama_dir, tmp_path):
+    import subprocess
+    import sys
+
+    bucket = s3.bucket()
+    env = {**os.environ, storage.CACHE_ENV: str(tmp_path / "cache")}
+
+    def cli(*args: str) -> dict:
+        res = subprocess.run([sys.executable, "-m", "shortened.cli", *args], env=env, capture_output=True,
+                             text=True, timeout=300, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res
+
+    pruned = json.loads(cli("prune", "--model", str(tiny_llama_dir), "--criterion", "magnitude", "--blocks", "2",
+                            "--out", f"s3://{bucket}/pruned").stdout)
+    assert pruned["out"] == f"s3://{bucket}/pruned" and pruned["num_blocks_after"] == 6
+    scores = json.loads(cli("score", "--model", str(tiny_llama_dir), "--criterion", "magnitude",
+                            "--out", f"s3://{bucket}/scores.json").stdout)
+    saved = json.loads(storage.path(f"s3://{bucket}/scores.json").read_text())["scores"]
+    assert saved == pytest.approx(scores["scores"], abs=1e-4)  # (the printed ones are rounded)
+    cli("eval", "--model", f"s3://{bucket}/pruned", "--ppl", "wikitext2", "--ppl-max-windows", "2",
+        "--tasks", "piqa", "--limit", "4", "--out", f"s3://{bucket}/eval.json")
+    evaluation = json.loads(storage.path(f"s3://{bucket}/eval.json").read_text())
+    assert evaluation["model_info"]["blocks"] == 6
+    keys = s3.keys(bucket)
+    assert {"pruned/.complete", "pruned/pruning.json", "pruned/model.safetensors"} <= set(keys)
+    assert not (tmp_path / "s3:").exists()
+    # a second prune to the same folder is refused (a complete folder is there), before any work
+    res = subprocess.run([sys.executable, "-m", "shortened.cli", "prune", "--model", str(tiny_llama_dir),
+                          "--criterion", "magnitude", "--blocks", "2", "--out", f"s3://{bucket}/pruned"], env=env,
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 2 and "a model folder is there already" in res.stderr, res.stderr[-2000:]
