@@ -56,6 +56,19 @@ def test_urls_are_masked_and_secrets_come_from_the_environment(monkeypatch):
     assert "s3cret" not in str(err.value)
 
 
+def test_sqlite_errors_a_retry_cannot_mend_fail_at_once(tmp_path):
+    from sqlalchemy import text
+
+    store = ResultsStore(f"sqlite:///{tmp_path / 'r.db'}", retry_s=30)
+    store.ensure_experiment("e", {}, str(tmp_path))
+    with store.engine.begin() as conn:
+        conn.execute(text("drop table trials"))
+    t0 = time.monotonic()
+    with pytest.raises(ShortenedError, match="cannot read the trials: no such table: trials"):
+        store.trials("e")
+    assert time.monotonic() - t0 < 5  # not retried for 30 s
+
+
 # -- the store on PostgreSQL (no Ray) --------------------------------------------------------------------------------
 
 def test_postgres_store_writes_versions_and_rides_out_a_restart(postgres):

@@ -246,6 +246,8 @@ class ResultsStore:
             try:
                 return fn()
             except (OperationalError, InterfaceError) as exc:
+                if not self._transient(exc):
+                    raise ShortenedError(f"results store {self.url!r}: cannot {what}: {_first_line(exc)}") from exc
                 if time.monotonic() + delay > deadline:
                     tried = f"; gave up after {self.retry_s:g} s of retries" if self.retry_s > 0 else ""
                     raise StoreUnavailable(f"results store {self.url!r}: cannot {what} ({_first_line(exc)})"
@@ -256,6 +258,14 @@ class ResultsStore:
                 delay = min(delay * 2, 8.0)
             except SQLAlchemyError as exc:
                 raise ShortenedError(f"results store {self.url!r}: cannot {what}: {_first_line(exc)}") from exc
+
+    def _transient(self, exc: OperationalError | InterfaceError) -> bool:
+        """Worth retrying: a connection lost or refused (on a server, every OperationalError/InterfaceError: the
+        server away or shutting down, a deadlock or serialization failure), or SQLite's locked/busy file — not
+        SQLite's other operational errors (a missing table, a read-only file), which a retry cannot mend."""
+        if exc.connection_invalidated or self.engine.dialect.name != "sqlite":
+            return True
+        return any(word in str(exc.orig).lower() for word in ("locked", "busy"))
 
     def _open_schema(self) -> None:
         """Check the schema version, create what is missing, apply migrations and stamp the version: one
