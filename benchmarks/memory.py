@@ -98,8 +98,9 @@ def retrain_peaks(model_dir: Path, work: Path, zero_stage: int, workers: int, st
     record = json.loads((out / "retraining.json").read_text())
     shutil.rmtree(out)
     shutil.rmtree(work / "storage", ignore_errors=True)  # the checkpoints: GBs each
-    return {"peak_rss_mb": record["phases"][-1]["peak_rss_mb"], "seconds": seconds, "steps": record["steps"],
-            "tokens": record["tokens_trained"]}
+    phase = record["phases"][-1]
+    return {"peak_rss_mb": phase["peak_rss_mb"], "seconds": seconds, "steps": phase["steps"],
+            "tokens": phase["tokens_trained"]}
 
 
 def main() -> None:
