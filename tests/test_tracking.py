@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -39,9 +40,10 @@ def tracked_sweep(model_dir: Path, storage: Path, uri: str, **kw) -> SweepConfig
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, tiny_llama_dir):
-    """The sweep, run once (and resumed once) for every test here."""
+    """The sweep, run once (and resumed once) for every test here; then `shortened retrain` on its pruned model."""
     import ray
 
+    from shortened.cli import main
     from shortened.sweep.runner import run_sweep
 
     tmp = tmp_path_factory.mktemp("tracking")
@@ -54,9 +56,13 @@ def swept(tmp_path_factory, tiny_llama_dir):
         before = _snapshot(uri)
         run_sweep(cfg, resume=True)  # nothing to run: nothing logged twice
         after = _snapshot(uri)
+        assert main(["retrain", "--model", str(cfg.layout.pruned(KEY)), "--out", str(tmp / "healed"), "--name", "heal",
+                     "--train_tokens", "256", "--micro_batch_size", "2", "--zero_stage", "0", "--report_every_steps",
+                     "1", "--data.seq_len", "64", "--num_workers", "1", "--cpus_per_worker", "1", "--storage_path",
+                     str(tmp / "ray"), "--mlflow.tracking_uri", uri, "--mlflow.experiment", "healing"]) == 0
     finally:
         ray.shutdown()
-    return cfg, outcome, uri, before, after
+    return SimpleNamespace(cfg=cfg, outcome=outcome, uri=uri, before=before, after=after, tmp=tmp)
 
 
 def _client(uri: str):
@@ -83,7 +89,7 @@ def _history(folder: Path) -> list[dict]:
 
 
 def test_one_mlflow_run_per_trial_with_its_params_metrics_and_selection(swept):
-    cfg, outcome, uri, before, after = swept
+    cfg, outcome, uri, before, after = swept.cfg, swept.outcome, swept.uri, swept.before, swept.after
     client = _client(uri)
     runs = _runs(uri)
     store = ResultsStore(outcome.store_url)
@@ -127,7 +133,7 @@ def test_one_mlflow_run_per_trial_with_its_params_metrics_and_selection(swept):
 def test_tensorboard_event_files_of_every_training_run(swept):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg, *_ = swept
+    cfg = swept.cfg
     layout = cfg.layout
     phases = training_runs(layout.trained(KEY))
     assert [run for run, _ in phases] == [f"{KEY}-cpt", f"{KEY}-lora"]
@@ -145,7 +151,7 @@ def test_tensorboard_event_files_of_every_training_run(swept):
 
 def test_retraining_logs_one_run_with_its_settings(swept, tmp_path):
     """What `shortened retrain` does after training, on the sweep's two-phase retraining."""
-    cfg, _, uri, *_ = swept
+    cfg, uri = swept.cfg, swept.uri
     train = cfg.train.model_copy(update={"method": "cpt+lora"})
     run_id = log_retraining(cfg.tracking.model_copy(update={"tensorboard": True}), model="pruned",
                             model_dir=str(cfg.layout.trained(KEY)), storage_path=str(tmp_path), name="heal",
@@ -157,6 +163,25 @@ def test_retraining_logs_one_run_with_its_settings(swept, tmp_path):
     assert len(client.get_metric_history(run_id, "train/loss")) == sum(len(h) for _, h in
                                                                         training_runs(cfg.layout.trained(KEY)))
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{KEY}-cpt", f"{KEY}-lora"]  # events by run name
+
+
+def test_shortened_retrain_logs_its_run_and_event_files(swept):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from shortened.tracking import RUN_TAG
+
+    client = _client(swept.uri)
+    exp = client.get_experiment_by_name("healing")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.run_name == "heal" and run.data.tags[RUN_TAG] == "heal"
+    assert (run.data.params["method"], run.data.params["tokens_trained"]) == ("cpt", "256")
+    history = _history(swept.tmp / "healed")
+    curve = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert [s for s, _ in curve] == [h["step"] for h in history] and len(history) >= 2
+    assert [v for _, v in curve] == pytest.approx([h["loss"] for h in history])
+    events = EventAccumulator(str(swept.tmp / "ray" / "heal" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [h["step"] for h in history]
 
 
 def test_retrain_flags_and_an_unreachable_server_named_before_ray(tmp_path, tiny_llama_dir):
