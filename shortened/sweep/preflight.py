@@ -26,8 +26,8 @@ from shortened import storage
 from shortened.errors import ShortenedError
 from shortened.sweep.config import SweepConfig, resolve_local_paths
 
-# the parts of a config a resumed sweep may change (where and how fast it runs, how it selects)
-RESUMABLE_CHANGES = {"resources", "selection", "store_url"}
+# the parts of a config a resumed sweep may change (where and how fast it runs, how it selects, where it reports)
+RESUMABLE_CHANGES = {"resources", "selection", "store_url", "tracking"}
 
 
 @dataclass(frozen=True)
