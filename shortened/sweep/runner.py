@@ -92,10 +92,11 @@ def hold_experiment(cfg: SweepConfig, resume: bool, address: str | None) -> Iter
     n_remove_max = preflight.before_writing(cfg, resume)
     check_store(cfg.resolved_store_url(), cfg.name, resume)  # a server store: reachable, known schema, new name
     layout = cfg.layout
-    created = [p for p in (layout.root, *layout.root.parents) if not p.exists()]
+    created = [] if layout.remote else [p for p in (layout.root, *layout.root.parents) if not p.exists()]
     started_ray, lock = False, None
     try:
         preflight.before_lock(cfg)
+        layout.driver_dir.mkdir(parents=True, exist_ok=True)  # the lock's folder (the driver's own disk)
         lock = ExperimentLock(layout.lock, f"experiment {cfg.name!r} ({layout.root})").acquire()
         preflight.under_lock(cfg, resume)
         started_ray = connect(address)
@@ -400,7 +401,7 @@ def _tune(cfg: SweepConfig, store: ResultsStore, trainable, run_name: str, n_con
         param_space={"spec": tune.grid_search(specs)} if specs is not None else {},
         tune_config=tune.TuneConfig(max_concurrent_trials=n_concurrent, search_alg=searcher,
                                     num_samples=num_samples, reuse_actors=True),
-        run_config=tune.RunConfig(name=run_name, storage_path=str(layout.tune),
+        run_config=tune.RunConfig(name=run_name, **_ray_storage(layout.tune),
                                   failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
                                   callbacks=[StoreCallback(store, cfg.name, len(specs) if specs else None),
                                              SweepTracking(cfg).callback()],
@@ -424,6 +425,14 @@ def _tune(cfg: SweepConfig, store: ResultsStore, trainable, run_name: str, n_con
         raise SweepInterrupted(f"sweep {cfg.name!r} was interrupted with {n} trial(s) unfinished"
                                f"{' (' + ', '.join(missing) + ')' if missing else ''}; nothing was selected. "
                                f"{resume_hint(cfg)}")
+
+
+def _ray_storage(where) -> dict:
+    """Ray's ``storage_path`` (and, for an object store, the ``storage_filesystem`` that reads it as we do)."""
+    if not storage.is_url(where):
+        return {"storage_path": str(where)}
+    fs, inner = storage.pyarrow_filesystem(str(where))
+    return {"storage_filesystem": fs, "storage_path": inner}
 
 
 class _HideTuneRestoreHint(logging.Filter):
