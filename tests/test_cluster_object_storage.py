@@ -101,8 +101,7 @@ def test_retrain_over_two_nodes_with_no_shared_disk(nodisk, s3, model_url, tmp_p
 def test_sweep_job_with_s3_storage_and_local_storage_refused(nodisk, s3, model_url, tmp_path):
     cluster, private = nodisk
     bucket = s3.bucket()
-    cfg = sweep_config(tmp_path / "s.yaml", Path("unused"), Path("unused"), model=model_url, name="nodisk",
-                       storage_path=f"s3://{bucket}/runs", train=TRAIN)
+    cfg = sweep_config(tmp_path / "s.yaml", model_url, f"s3://{bucket}/runs", name="nodisk", train=TRAIN)
     log = tmp_path / "job.log"
     runtime_env = {"env_vars": {**TEST_ENV}}
     job = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard,
@@ -120,6 +119,6 @@ def test_sweep_job_with_s3_storage_and_local_storage_refused(nodisk, s3, model_u
                         ["Body"].read())
     assert result["tokens_trained"] == TRAIN["train_tokens"]
     # the same sweep with a local storage path that only the driver sees: refused before any trial, every node named
-    cfg = sweep_config(tmp_path / "l.yaml", Path("unused"), private / "runs", model=model_url, name="local")
+    cfg = sweep_config(tmp_path / "l.yaml", model_url, private / "runs", name="local")
     res = private_driver(private, ["sweep", str(cfg)], cluster.client_env(**s3.env()), timeout=180)
     assert res.returncode == 2 and res.stderr.count("not shared storage") == 3, res.stderr[-3000:]
