@@ -152,7 +152,7 @@ class MlflowRuns:
         """The run tagged ``tags``, written once: ``params``, ``metrics`` (at step 0) and ``curve`` (``(step,
         {key: value})``). A run found complete only gets the metrics it lacks (speed rows measured later); one
         left half-written (a driver killed while writing) is deleted and written again. Returns the run id."""
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
 
         run = self.find(tags)
         if run is not None and run.data.tags.get(LOGGED_TAG) == "true":

@@ -20,7 +20,7 @@ import yaml
 from s3_server import S3Server
 from shortened import storage
 from shortened.paths import REPO_ROOT
-from test_cluster import LOCAL, SEQ, TEST_ENV, Cluster, sweep_config
+from test_cluster import SEQ, TEST_ENV, Cluster, sweep_config
 
 PORT = 6393
 pytestmark = pytest.mark.skipif(subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0,
