@@ -61,6 +61,9 @@ HARMLESS_WARNINGS = (
     "For example --metadata=",
     "Token authentication is enabled for this Ray cluster",
     "Removed the following hyperparameter values when logging to tensorboard",
+    # deprecations inside DeepSpeed/peft's own calls (nothing in this project or the user's config to change)
+    "`is_gradient_checkpointing` is deprecated",
+    "`torch.distributed.all_gather_into_tensor` is deprecated",
 )
 
 # Lines of Ray workers, forwarded to the driver, that are bookkeeping rather than news (a regex for Ray's
