@@ -431,10 +431,10 @@ class StagingSession(LocalSession):
         super().__init__(*a, **kw)
         self.staged: list[tuple[str, list[str]]] = []
 
-    def report(self, metrics, checkpoint_dir=None):
+    def report(self, metrics, checkpoint_dir=None, asynchronous=False):
         if checkpoint_dir:
             self.staged.append((checkpoint_dir, sorted(os.listdir(checkpoint_dir))))
-        super().report(metrics, checkpoint_dir)
+        return super().report(metrics, checkpoint_dir, asynchronous)
 
 
 def test_checkpoints_stage_in_the_configured_folder_and_short_space_stops_before_writing(tiny_llama_dir, tmp_path,
