@@ -64,7 +64,15 @@ HARMLESS_WARNINGS = (
     # deprecations inside DeepSpeed/peft's own calls (nothing in this project or the user's config to change)
     "`is_gradient_checkpointing` is deprecated",
     "`torch.distributed.all_gather_into_tensor` is deprecated",
+    # Ray Train's controller, when a 2-core machine is busy: a resource-request RPC timed out and is retried (Ray:
+    # "it's safe to ignore this error" when transient); -v shows them
+    "Failed to send resource request for",
+    "Failed to get reserved resources for",
 )
+# Ray Train's controller configures the "ray.train" logger itself (dictConfig replaces its handlers), so the filter
+# sits on the loggers that emit those two messages
+_RAY_TRAIN_SCALING_LOGGERS = ("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
+                              "ray.train.v2._internal.execution.scaling_policy.elastic")
 
 # Lines of Ray workers, forwarded to the driver, that are bookkeeping rather than news (a regex for Ray's
 # RAY_DEDUP_LOGS_SKIP_REGEX; real errors from the same actors still show)
@@ -208,7 +216,8 @@ _HARMLESS = _HarmlessFilter()
 def _filter_harmless_logs() -> None:
     """Attach the harmless-message filter to the loggers (and their handlers) that emit such messages."""
     for name in ("", "ray", "ray.tune", "lm_eval", "lm-eval", "DeepSpeed", "deepspeed", "transformers",
-                 "ray._private.authentication.authentication_token_setup", "ray.tune.logger.tensorboardx"):
+                 "ray._private.authentication.authentication_token_setup", "ray.tune.logger.tensorboardx",
+                 *_RAY_TRAIN_SCALING_LOGGERS):
         logger = logging.getLogger(name)
         if _HARMLESS not in logger.filters:
             logger.addFilter(_HARMLESS)

@@ -142,3 +142,28 @@ def test_live_view_redraws_a_table_on_a_terminal(tmp_path):
     text = screen.getvalue()  # the last frame, drawn when the view stops
     assert "ppl:wikitext2" in text and "12.5" in text and "ppl-b2-cpt" in text and "0 / 1,000" in text
     assert "1/2 done, 1 running" in text
+
+
+def test_ray_train_controller_retry_warnings_are_dropped_after_its_own_logging_setup():
+    """Ray Train's controller logs "Failed to send resource request … safe to ignore" with a traceback when a busy
+    machine delays an RPC; the worker setup hook drops it even after the controller's dictConfig replaced the
+    "ray.train" handlers, while other warnings of the same logger still print."""
+    import logging.config
+
+    from shortened.console import worker_setup
+
+    name = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+    buf = io.StringIO()
+    worker_setup()
+    logging.config.dictConfig({"version": 1, "disable_existing_loggers": False,
+                               "handlers": {"console": {"class": "logging.StreamHandler", "stream": buf}},
+                               "loggers": {"ray.train": {"level": "DEBUG", "handlers": ["console"],
+                                                         "propagate": False}}})
+    try:
+        raise TimeoutError("GetTimeoutError")
+    except TimeoutError:
+        logging.getLogger(name).warning("Failed to send resource request for abc. If this only happens transiently "
+                                        "during network partition or CPU being overloaded, it's safe to ignore this "
+                                        "error.", exc_info=True)
+    logging.getLogger(name).warning("something a user must see")
+    assert buf.getvalue() == "something a user must see\n"
