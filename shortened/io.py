@@ -331,11 +331,18 @@ def save_pretrained_as(model, folder: str | Path, dtype=None, *, in_place: bool 
             else:
                 state[key] = t
         model.save_pretrained(folder, state_dict=state)  # (it stamps the live config with the live dtype: right)
+    return stamp_config_dtype(folder, dtype)
+
+
+def stamp_config_dtype(folder: Path, dtype) -> str:
+    """Set ``dtype`` (a ``torch.dtype``) in ``folder/config.json`` — its ``dtype`` (and ``torch_dtype`` where
+    present), and those of its sub-configs that name one — which ``save_pretrained`` takes from the live parameters
+    rather than from the tensors written. Returns the dtype name written (``"bfloat16"``)."""
     name = str(dtype).removeprefix("torch.")
-    config_file = folder / "config.json"
+    config_file = Path(folder) / "config.json"
     config = json.loads(config_file.read_text())
 
-    def stamp(d: dict, top: bool) -> None:  # the config's dtype, and its sub-configs' that name one
+    def stamp(d: dict, top: bool) -> None:
         for key in ("dtype", "torch_dtype"):
             if key in d or (top and key == "dtype"):
                 d[key] = name

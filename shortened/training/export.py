@@ -136,24 +136,10 @@ def save_state_dict(model, state: dict[str, torch.Tensor], folder, dtype: torch.
     handling; each shard's tensors are released as it is written) with ``config.json``'s ``dtype`` — and its
     sub-configs' that name one — set to ``dtype``, which ``save_pretrained`` would take from the live (training)
     parameters instead. Returns the dtype name written (``"bfloat16"``)."""
-    from shortened.io import write_text_atomic
+    from shortened.io import stamp_config_dtype
 
     model.save_pretrained(folder, state_dict=state)
-    name = str(dtype).removeprefix("torch.")
-    config_file = folder / "config.json"
-    config = json.loads(config_file.read_text())
-
-    def stamp(d: dict, top: bool) -> None:  # as shortened.io.save_pretrained_as stamps a pruned folder
-        for key in ("dtype", "torch_dtype"):
-            if key in d or (top and key == "dtype"):
-                d[key] = name
-        for key, value in d.items():
-            if key.endswith("_config") and isinstance(value, dict) and ("dtype" in value or "torch_dtype" in value):
-                stamp(value, False)
-
-    stamp(config, True)
-    write_text_atomic(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return name
+    return stamp_config_dtype(folder, dtype)
 
 
 def _own_peak_rss_mb() -> float:
