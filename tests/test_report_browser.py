@@ -81,8 +81,14 @@ def test_plots_have_units_a_log_perplexity_axis_and_no_overlapping_labels(experi
     assert "(MiB;" in memory.axes[0].get_ylabel()
     accuracy = metric_figure(trials, "zeroshot_mean", "zero-shot")
     assert "fraction correct" in accuracy.axes[0].get_ylabel() and accuracy.axes[0].get_yscale() == "linear"
+    # the selected trial's red star sits on its point in both trade-off plots
+    pareto = pareto_figure(trials, choice)
+    chosen = choice.chosen
+    for fig, xy in ((trade, (1.197, 115.5)), (pareto, (chosen["ratio_actual"], 115.5))):
+        [star] = [c for c in fig.axes[0].collections if c.get_label().startswith("selected")]
+        assert chosen["key"] == "ppl-r0.2-cpt" and tuple(star.get_offsets()[0]) == pytest.approx(xy)
     # trials at the same ratio or speedup (lora and cpt) have labels on top of each other until decluttered
-    for fig in (ppl, trade, pareto_figure(trials, choice), memory, accuracy):
+    for fig in (ppl, trade, pareto, memory, accuracy):
         assert label_overlaps(fig) == []
 
 

@@ -285,19 +285,27 @@ def pareto_figure(trials: list[dict], choice: Choice):
     front = set(pareto_front(pts, lower_is_better(metric)))
     fig, ax = _pyplot().subplots(figsize=(7.5, 4.2))
     ax.scatter([p[1] for p in pts], [p[2] for p in pts], color="lightgrey", label="trials", zorder=2)
+    chosen = None if choice.chosen is None else (choice.chosen["ratio_actual"], metric_value(choice.chosen, metric))
+    labels = _frontier_and_selection(ax, pts, front, chosen, choice.policy, log_y, marker="o", color="tab:blue",
+                                     label="Pareto frontier", zorder=3)
+    _percent_x(ax)
+    ax.margins(x=0.12, y=0.15)
+    return _finish(fig, ax, RATIO_AXIS, ylabel, f"{ylabel.split(' (')[0]} vs parameters removed", labels)
+
+
+def _frontier_and_selection(ax, pts: list[tuple[str, float, float]], front: set[str],
+                            chosen: tuple[float, float] | None, policy: str, log_y: bool, **frontier_style) -> list:
+    """On ``ax`` (whose trials ``pts`` = (key, x, y) are drawn): the frontier through the keys in ``front``, the
+    selected trial's point ``chosen`` as a red star, a log y axis if ``log_y``; returns each point's key label."""
     fpts = sorted((p for p in pts if p[0] in front), key=lambda p: p[1])
-    ax.plot([p[1] for p in fpts], [p[2] for p in fpts], marker="o", color="tab:blue", label="Pareto frontier",
-            zorder=3)
-    if choice.chosen is not None:
-        ax.scatter([choice.chosen["ratio_actual"]], [metric_value(choice.chosen, metric)], marker="*", s=250,
-                   color="tab:red", label=f"selected ({choice.policy})", zorder=4)
+    ax.plot([p[1] for p in fpts], [p[2] for p in fpts], **frontier_style)
+    if chosen is not None:
+        ax.scatter([chosen[0]], [chosen[1]], marker="*", s=250, color="tab:red", label=f"selected ({policy})",
+                   zorder=4)
     if log_y:
         ax.set_yscale("log")
         _log_axis(ax.yaxis)
-    _percent_x(ax)
-    ax.margins(x=0.12, y=0.15)
-    labels = [ax.annotate(k, (r, v), fontsize=7, xytext=(5, 3), textcoords="offset points") for k, r, v in pts]
-    return _finish(fig, ax, RATIO_AXIS, ylabel, f"{ylabel.split(' (')[0]} vs parameters removed", labels)
+    return [ax.annotate(k, (x, y), fontsize=7, xytext=(5, 3), textcoords="offset points") for k, x, y in pts]
 
 
 def plot_pareto(trials: list[dict], choice: Choice, out: Path) -> Path | None:
@@ -333,16 +341,10 @@ def tradeoff_figure(trials: list[dict], choice: Choice):
     for i, method in enumerate(methods):
         mine = [p for p in pts if by_key[p[0]]["method"] == method]
         ax.scatter([p[1] for p in mine], [p[2] for p in mine], color=f"C{i}", label=method, zorder=3)
-    fpts = sorted((p for p in pts if p[0] in front), key=lambda p: p[1])
-    ax.plot([p[1] for p in fpts], [p[2] for p in fpts], color="grey", linestyle=":", label="frontier", zorder=2)
-    if choice.chosen is not None and choice.chosen["key"] in {p[0] for p in pts}:
-        k, s, v = next(p for p in pts if p[0] == choice.chosen["key"])
-        ax.scatter([s], [v], marker="*", s=250, color="tab:red", label=f"selected ({choice.policy})", zorder=4)
-    if log_y:
-        ax.set_yscale("log")
-        _log_axis(ax.yaxis)
+    chosen = next((p[1:] for p in pts if choice.chosen is not None and p[0] == choice.chosen["key"]), None)
+    labels = _frontier_and_selection(ax, pts, front, chosen, choice.policy, log_y, color="grey", linestyle=":",
+                                     label="frontier", zorder=2)
     ax.margins(x=0.15, y=0.15)
-    labels = [ax.annotate(k, (s, v), fontsize=7, xytext=(5, 3), textcoords="offset points") for k, s, v in pts]
     return _finish(fig, ax, xlabel, ylabel, f"{ylabel.split(' (')[0]} vs measured speedup", labels)
 
 
