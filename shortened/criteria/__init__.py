@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from shortened.criteria.base import BlockScores, Criterion, ScoringContext, select_lowest
 from shortened.criteria.iterative import score_iterative, select_iterative
+from shortened.criteria.order import score_reverse, select_tail
 from shortened.criteria.ppl import score_ppl
 from shortened.criteria.similarity import score_angular, score_block_influence, select_span
 from shortened.criteria.weights import score_magnitude, score_taylor
@@ -19,10 +20,11 @@ CRITERIA: dict[str, Criterion] = {c.name: c for c in [
     Criterion("block_influence", score_block_influence, description="1 − cos(input, output) (ShortGPT)"),
     Criterion("angular", score_angular, select_span, "angular distance across a span of blocks (Gromov et al.)"),
     Criterion("iterative", score_iterative, select_iterative, "greedy one-at-a-time removal by NLL (SLEB-style)"),
+    Criterion("reverse", score_reverse, select_tail, "the last removable blocks, before the kept tail (Lu et al.)"),
 ]}
 
-# Criteria that only look at weights need no calibration data.
-DATA_FREE = {"magnitude"}
+# Criteria that only look at weights or at the block order need no calibration data.
+DATA_FREE = {"magnitude", "reverse"}
 
 
 def get_criterion(name: str) -> Criterion:

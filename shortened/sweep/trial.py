@@ -67,6 +67,7 @@ def grid_specs(cfg: SweepConfig) -> list[TrialSpec]:
 # relative cost of a method's retraining, for ordering trials longest first: every sweep method (SweepMethod) and
 # the dense baseline
 METHOD_COST: dict[SweepMethod | Literal["dense"], int] = {"cpt+lora": 5, "distill": 4, "cpt": 3, "lora": 2,
+                                                          "partial": 2,
                                                           "none": 1, DENSE: 0}
 
 

@@ -14,10 +14,10 @@ from shortened.data.config import DataConfig
 
 # The retraining methods, defined here once: TrainConfig.method, the CLI's --method choices, a sweep's methods
 # (which add "none") and every message that lists them come from this.
-Method = Literal["cpt", "lora", "cpt+lora", "distill"]
+Method = Literal["cpt", "lora", "cpt+lora", "distill", "partial"]
 METHODS: tuple[str, ...] = get_args(Method)
 # What one phase (one TorchTrainer run) trains: cpt+lora runs a CPT phase, then a LoRA phase (PHASES).
-PhaseMethod = Literal["cpt", "lora", "distill"]
+PhaseMethod = Literal["cpt", "lora", "distill", "partial"]
 PHASE_METHODS: tuple[str, ...] = get_args(PhaseMethod)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -69,14 +69,16 @@ class DistillSettings(BaseModel):
     value is the same for any chunk size (up to fp32 summation order)."""
 
 
+# the phases (TorchTrainer runs) of each method
 PHASES: dict[Method, tuple[PhaseMethod, ...]] = {"cpt": ("cpt",), "lora": ("lora",), "cpt+lora": ("cpt", "lora"),
-                                                 "distill": ("distill",)}  # the phases (TorchTrainer runs) of each method
-STAGE_FIELD: dict[PhaseMethod, str] = {"cpt": "zero_stage", "distill": "zero_stage", "lora": "lora.zero_stage"}
+                                                 "distill": ("distill",), "partial": ("partial",)}
+STAGE_FIELD: dict[PhaseMethod, str] = {"cpt": "zero_stage", "distill": "zero_stage", "partial": "zero_stage",
+                                       "lora": "lora.zero_stage"}
 
 
 def phase_zero_stage(cfg: TrainConfig, phase_method: str) -> int:
     """The ZeRO stage a phase runs with: ``lora.zero_stage`` for a LoRA phase, ``zero_stage`` for the
-    full-parameter ones (cpt, distill)."""
+    full-parameter ones (cpt, distill, partial)."""
     return cfg.lora.zero_stage if phase_method == "lora" else cfg.zero_stage
 
 
@@ -87,7 +89,9 @@ class TrainConfig(BaseModel):
 
     method: Method = "cpt"
     """cpt: all parameters (continued pretraining); lora: LoRA adapters, merged on export; cpt+lora: CPT, then LoRA
-    on the result; distill: CPT with a KL term towards the unpruned model."""
+    on the result; distill: CPT with a KL term towards the unpruned model; partial: full-parameter training of the
+    last partial_blocks blocks, the final norm and the LM head only, everything else frozen (Lu et al., "Reassessing
+    Layer Pruning in LLMs", 2024)."""
     data: DataConfig = Field(default_factory=DataConfig)
     """The training data."""
     train_tokens: int = Field(..., ge=1)
@@ -116,8 +120,8 @@ class TrainConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0)
     """Maximum gradient norm (clipped to it)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
-    """DeepSpeed ZeRO stage of the full-parameter phases (cpt, distill, and the CPT phase of cpt+lora); the LoRA
-    phase uses lora.zero_stage (see :func:`phase_zero_stage`)."""
+    """DeepSpeed ZeRO stage of the full-parameter phases (cpt, distill, partial, and the CPT phase of cpt+lora); the
+    LoRA phase uses lora.zero_stage (see :func:`phase_zero_stage`)."""
     offload_optimizer: bool = False
     """ZeRO optimizer state in CPU memory (DeepSpeed CPU Adam, JIT-built once). Offload applies to the phases whose
     stage allows it, and is dropped (with a log line) for the others."""
@@ -139,8 +143,17 @@ class TrainConfig(BaseModel):
     """LoRA settings (methods lora and cpt+lora)."""
     distill: DistillSettings = Field(default_factory=DistillSettings)
     """Distillation settings (method distill)."""
+    partial_blocks: int = Field(3, ge=1, le=1 << 16)
+    """For partial: how many of the last (kept) blocks train, with the final norm and the LM head (an LM head tied
+    to the input embeddings trains them too); at most the model's block count (checked before workers start)."""
     report_every_steps: int = Field(10, ge=1)
     """Optimizer steps between metric reports (each report is a barrier across workers)."""
+    val_every_tokens: int | None = Field(None, ge=1)
+    """Held-out validation every this many tokens trained, and after the last step: the loss and perplexity of
+    val_windows fixed windows of the data source's validation split reported as val_loss, val_ppl (a sweep's ASHA
+    scheduler stops trials on them). None: no validation."""
+    val_windows: int = Field(4, ge=1, le=100_000)
+    """Windows of data.seq_len tokens drawn once (seed 0) from the validation split for val_every_tokens."""
     checkpoint_every_tokens: int | None = Field(None, ge=1)
     """Tokens between checkpoints (None: only at the end)."""
     keep_checkpoints: int = Field(2, ge=1)

@@ -139,6 +139,10 @@ def _setup_models(phase: Phase, session: Session, precision: str) -> tuple[Any, 
                               hidden_size=_hidden_size(phase.model))
     with partitioned_init(ds_cfg):
         model = build_model(phase, train_dtype, attn)
+    if phase.method == "partial":  # only the last blocks, final norm and LM head train (param_groups skips the rest)
+        from shortened.training.partial import freeze_for_partial
+
+        model.shortened_partial = freeze_for_partial(model, phase.train.partial_blocks)
     return tokenizer, model, teacher
 
 
@@ -176,6 +180,8 @@ def _setup_engine(phase: Phase, model: torch.nn.Module, session: Session, precis
     zero_stage = ds_cfg["zero_optimization"]["stage"]
     zero = {"zero_stage": zero_stage, "offload_optimizer": "offload_optimizer" in ds_cfg["zero_optimization"],
             "offload_params": "offload_param" in ds_cfg["zero_optimization"], "attn_implementation": attn_used(model)}
+    if getattr(model, "shortened_partial", None):  # method partial: what trained, into retraining.json's phase
+        zero["partial"] = model.shortened_partial
     if "optimizer" in ds_cfg:
         ds_cfg["optimizer"]["params"]["lr"] = lr
         optimizer = None

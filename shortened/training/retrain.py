@@ -145,6 +145,10 @@ def check_inputs(model: str, out: str, cfg: TrainConfig, overwrite: bool) -> Non
     from shortened.data import DocumentStream
 
     check_model_folder(model)
+    if cfg.method == "partial":  # partial_blocks within the model's blocks, before any worker starts
+        from shortened.training.partial import check_partial_model
+
+        check_partial_model(str(storage.local_copy(model)) if storage.is_url(model) else model, cfg.partial_blocks)
     DocumentStream(cfg.data)  # resolves the source: a missing path or an empty glob fails here
     if storage.is_url(out):
         check_output(out, kind="dir", overwrite=overwrite, flag="output folder", create=False)
