@@ -60,7 +60,11 @@ def prune_one(model_type: str) -> tuple[str, str]:
     model, why = _dense(model_type)
     if model is None:
         return "skipped", why
-    out = tempfile.mkdtemp(prefix=f"matrix-{model_type}-") + "/pruned"
+    with tempfile.TemporaryDirectory(prefix=f"matrix-{model_type}-") as tmp:
+        return _prune_and_compare(model, tmp + "/pruned")
+
+
+def _prune_and_compare(model, out: str) -> tuple[str, str]:
     try:
         n = len(find_blocks(model))
         removed = _removable_pair(model, n)
