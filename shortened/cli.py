@@ -141,6 +141,11 @@ class PruneOptions(FolderOutput, ScoringOptions):
 
     scores: str | None = None
     """Reuse a scores JSON from `shortened score` (skips scoring)."""
+    patch: Literal["none", "linear"] = "none"
+    """linear: the training-free seam patch (ReplaceMe): a least-squares map, fitted on the calibration set, fused
+    into the MLP down projection of the kept block before each removed run (shortened.seam_patch)."""
+    patch_ridge: float = Field(0.0, ge=0, allow_inf_nan=False)
+    """Ridge term of the seam patch's fit, relative to the mean diagonal of MᵀM (0: plain least squares)."""
 
     @model_validator(mode="after")
     def _amount_given(self) -> PruneOptions:
@@ -395,7 +400,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _source(args)
     saved = BlockScores.load(args.scores) if args.scores else None
     needs_text = saved is None and args.criterion not in DATA_FREE
-    tokenizer = _tokenizer(args, f"criterion {args.criterion!r} (calibration text)" if needs_text else None)
+    patch_cfg = _calibration_config(args) if args.patch != "none" else None
+    tokenizer = _tokenizer(args, f"criterion {args.criterion!r} (calibration text)" if needs_text else
+                           f"--patch {args.patch} (calibration text)" if patch_cfg else None)
     check_output(args.out, kind="dir", overwrite=args.overwrite, flag="--out")
     model = load_model(_source(args), **_model_options(args))
     n_remove = resolve_block_count(model, ratio=args.ratio, blocks=args.blocks,
@@ -406,14 +413,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
         scores = saved
     else:
         scores = _scores_for(args, model, n_remove, tokenizer)
+    windows = None
+    if patch_cfg is not None:  # the seam patch reads the dense model's activations on the calibration set
+        from shortened.data.calibration import calibration_windows
+        from shortened.models import check_positions
+
+        check_positions(model, patch_cfg.seq_len, args.typed.flag("calibration.seq_len"))
+        windows = calibration_windows(tokenizer, patch_cfg)
     result = prune_and_save(model, scores, n_remove, args.out, tokenizer, keep_first=args.keep_first,
                             keep_last=args.keep_last, ratio_requested=args.ratio,
                             model_name=_recorded_model(args.model), overwrite=args.overwrite,
-                            save_dtype=args.save_dtype, source=_source(args))
+                            save_dtype=args.save_dtype, source=_source(args), patch=args.patch,
+                            calibration=windows, patch_ridge=args.patch_ridge, batch_size=args.batch_size)
     r = result.report
     console.result(json.dumps({"out": str(result.path), "removed_blocks": r["removed_blocks"], "num_blocks_after": r["num_blocks_after"],
                       "params_before": r["params_before"], "params_after": r["params_after"],
-                      "ratio_actual": round(r["ratio_actual"], 4)}))
+                      "ratio_actual": round(r["ratio_actual"], 4),
+                      **({"patch": r["patch"]["seams"]} if "patch" in r else {})}))
     return 0
 
 

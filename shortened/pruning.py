@@ -178,6 +178,19 @@ def check_attention_kept(model: PreTrainedModel, removed: list[int]) -> None:
                              "one with --keep-first/--keep-last or remove fewer blocks")
 
 
+def select_removed(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_first: int = KEEP_FIRST,
+                   keep_last: int = KEEP_LAST, ratio_requested: float | None = None) -> list[int]:
+    """The blocks (original indices) :func:`prune` would remove, without removing them."""
+    check_scores_fit(scores, model, scores.criterion)
+    allowed = allowed_blocks(len(find_blocks(model)), keep_first, keep_last)
+    if n_remove > len(allowed):
+        raise ShortenedError(f"cannot remove {n_remove} blocks: keep_first {keep_first} / keep_last {keep_last} "
+                             f"leave {len(allowed)} removable")
+    budget = param_budget(model, ratio_requested) if ratio_requested is not None else None
+    return get_criterion(scores.criterion).select(scores, n_remove, allowed, sizes=block_param_counts(model),
+                                                  max_params=budget)
+
+
 @dataclass
 class PruneResult:
     model: PreTrainedModel
@@ -186,7 +199,9 @@ class PruneResult:
 
 
 def prune(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_first: int = KEEP_FIRST,
-          keep_last: int = KEEP_LAST, ratio_requested: float | None = None, model_name: str = "") -> PruneResult:
+          keep_last: int = KEEP_LAST, ratio_requested: float | None = None, model_name: str = "",
+          patch: str = "none", calibration: torch.Tensor | None = None, patch_ridge: float = 0.0,
+          batch_size: int = 1) -> PruneResult:
     """Remove the blocks the criterion selects (in place) and describe what was done.
 
     With ``ratio_requested`` the criterion chooses under a parameter budget (``ratio_requested`` of the model's
@@ -194,7 +209,23 @@ def prune(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_fi
     The model's config is rewritten to describe the kept blocks and checked against a meta-device rebuild;
     :class:`ShortenedError` if no config of the architecture can express them (the model is then left pruned
     in memory but must not be saved).
+
+    ``patch="linear"``: the training-free seam patch (:mod:`shortened.seam_patch`), fitted on the dense model's
+    activations on ``calibration`` (token ids ``(n_samples, seq_len)``, forwarded ``batch_size`` at a time; relative
+    ridge ``patch_ridge``) before the blocks are removed, then fused into the kept block before each removed run;
+    the report records it under ``patch``. :class:`ShortenedError` for an unknown ``patch``, missing calibration,
+    or an architecture the patch cannot be fused into exactly (raised before the model is changed).
     """
+    from shortened.seam_patch import check_patch, fit_seams, fuse, patch_report
+
+    check_patch(patch)
+    found = None
+    if patch == "linear":
+        if calibration is None:
+            raise ShortenedError("patch 'linear' needs calibration windows (the dense model's activations)")
+        found = fit_seams(model, select_removed(model, scores, n_remove, keep_first=keep_first, keep_last=keep_last,
+                                                ratio_requested=ratio_requested),
+                          calibration, ridge=patch_ridge, batch_size=batch_size)
     block_list = find_blocks(model)
     n_blocks = len(block_list)
     check_scores_fit(scores, model, scores.criterion)
@@ -205,6 +236,8 @@ def prune(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_fi
     sizes = block_param_counts(model)
     budget = param_budget(model, ratio_requested) if ratio_requested is not None else None
     removed = get_criterion(scores.criterion).select(scores, n_remove, allowed, sizes=sizes, max_params=budget)
+    if found is not None and sorted(i for s in found for i in s.removed) != sorted(removed):
+        raise ShortenedError(f"the criterion selected blocks {removed}, not the ones the seam patch was fitted for")
     check_attention_kept(model, removed)
     params_before = count_params(model)
     suspects = layout_fields(model.config)
@@ -234,6 +267,10 @@ def prune(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_fi
         "scoring": {"dtype": scores.dtype, "device": scores.device, "attn_implementation": scores.attn_implementation,
                     "torch_version": scores.torch_version},
     }
+    if found is not None:
+        for seam in found:
+            fuse(seam)
+        report["patch"] = patch_report(found, patch_ridge)
     return PruneResult(model, report)
 
 
@@ -269,15 +306,19 @@ def prune_and_save(model: PreTrainedModel, scores: BlockScores, n_remove: int, o
                    tokenizer: PreTrainedTokenizerBase | None = None, *, keep_first: int = KEEP_FIRST,
                    keep_last: int = KEEP_LAST, ratio_requested: float | None = None, model_name: str = "",
                    overwrite: bool = False, save_dtype: str = "auto", source=None,
-                   gguf_file: str | None = None) -> PruneResult:
+                   gguf_file: str | None = None, patch: str = "none", calibration: torch.Tensor | None = None,
+                   patch_ridge: float = 0.0, batch_size: int = 1) -> PruneResult:
     """:func:`prune` the model (in place) and :func:`save_pruned` it to ``out``, weights in
     :func:`shortened.io.resolve_save_dtype` of ``save_dtype`` (``auto``: the dtype of ``source``/``gguf_file``, the
     model that was loaded); the one pruning path of ``shortened prune`` and a sweep's prune stage. Returns the
-    :class:`PruneResult`, its ``path`` the published folder."""
+    :class:`PruneResult`, its ``path`` the published folder.
+
+    ``patch``, ``calibration``, ``patch_ridge``, ``batch_size``: the seam patch, as in :func:`prune`."""
     from shortened.io import resolve_save_dtype
 
     result = prune(model, scores, n_remove, keep_first=keep_first, keep_last=keep_last,
-                   ratio_requested=ratio_requested, model_name=model_name)
+                   ratio_requested=ratio_requested, model_name=model_name, patch=patch, calibration=calibration,
+                   patch_ridge=patch_ridge, batch_size=batch_size)
     result.path = save_pruned(result, out, tokenizer, overwrite=overwrite,
                               dtype=resolve_save_dtype(save_dtype, source, gguf_file))
     return result

@@ -175,6 +175,11 @@ class SweepConfig(BaseModel):
     """Or block counts to remove."""
     methods: list[SweepMethod] = Field(default_factory=lambda: ["cpt"])
     """Retraining methods (none: prune and evaluate only)."""
+    patch: list[Literal["none", "linear"]] = Field(default_factory=lambda: ["none"])
+    """Seam patches to compare (a grid axis): none, or linear (the training-free least-squares map of ReplaceMe,
+    fitted on the calibration set and fused into the kept block before each removed run; shortened.seam_patch)."""
+    patch_ridge: float = Field(0.0, ge=0, allow_inf_nan=False)
+    """Ridge term of the linear seam patch's fit, relative to the mean diagonal of MᵀM (0: plain least squares)."""
     search: Literal["grid", "bisect"] = "grid"
     """grid: every criterion × amount × method; bisect: the largest block count that meets the selection."""
     keep_first: int = Field(KEEP_FIRST, ge=0)
@@ -275,6 +280,13 @@ class SweepConfig(BaseModel):
             raise ValueError(f"at least one method ({', '.join(SWEEP_METHODS)})")
         return list(dict.fromkeys(v))
 
+    @field_validator("patch")
+    @classmethod
+    def _patch(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one patch (none, linear)")
+        return list(dict.fromkeys(v))
+
     @model_validator(mode="after")
     def _shape(self) -> SweepConfig:
         if self.search == "grid" and (self.ratios is None) == (self.blocks is None):
@@ -283,6 +295,8 @@ class SweepConfig(BaseModel):
             if len(self.criteria) != 1 or len(self.methods) != 1:
                 raise ValueError("search: bisect searches one criterion and one method; got "
                                  f"criteria {self.criteria}, methods {self.methods}")
+            if self.patch != ["none"]:
+                raise ValueError(f"search: bisect searches unpatched models; patch {self.patch} needs search: grid")
             if self.selection.policy != "max_ratio_within":
                 raise ValueError("search: bisect finds the largest block count for selection.policy "
                                  "max_ratio_within")

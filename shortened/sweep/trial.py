@@ -42,12 +42,17 @@ class TrialSpec(BaseModel):
     criterion: str | None = None
     ratio: float | None = None
     blocks: int | None = None
+    patch: Literal["none", "linear"] = "none"  # the seam patch of the pruned model (shortened.seam_patch)
 
     @property
     def key(self) -> str:
+        """``ppl-r0.2-cpt``; a patched model's amount carries the patch, ``ppl-r0.2+linear-cpt`` (unpatched keys are
+        unchanged, so experiments from before the patch axis resume)."""
         if self.method == DENSE:
             return DENSE
         amount = f"r{self.ratio:g}" if self.ratio is not None else f"b{self.blocks}"
+        if self.patch != "none":
+            amount += f"+{self.patch}"
         return f"{self.criterion}-{amount}-{self.method}"
 
     def __str__(self) -> str:  # how Tune's logs (params.json) show a trial's spec
@@ -55,12 +60,13 @@ class TrialSpec(BaseModel):
 
 
 def grid_specs(cfg: SweepConfig) -> list[TrialSpec]:
-    """The dense baseline, then criteria × amounts × methods in a stable order."""
+    """The dense baseline, then criteria × amounts × patches × methods in a stable order."""
     specs = [TrialSpec(method=DENSE)]
     amounts = [{"ratio": r} for r in cfg.ratios] if cfg.ratios else [{"blocks": b} for b in cfg.blocks or []]
     for criterion in cfg.criteria:
         for amount in amounts:
-            specs += [TrialSpec(method=m, criterion=criterion, **amount) for m in cfg.methods]
+            for patch in cfg.patch:
+                specs += [TrialSpec(method=m, criterion=criterion, patch=patch, **amount) for m in cfg.methods]
     return specs
 
 
@@ -217,10 +223,17 @@ def prune_stage(cfg: SweepConfig, spec: TrialSpec, scores_file: str, out: str) -
                             keep_last=cfg.keep_last)
     scores = BlockScores.load(scores_file)
     _warn_scores_dtype(cfg, scores, scores_file)
-    result = prune_and_save(model, scores, n, out, load_tokenizer(cfg.model, gguf_file=cfg.gguf_file),
+    tokenizer = load_tokenizer(cfg.model, gguf_file=cfg.gguf_file)
+    windows = None
+    if spec.patch != "none":  # the seam patch is fitted on the dense model's activations on the calibration set
+        from shortened.data.calibration import calibration_windows
+
+        windows = calibration_windows(tokenizer, cfg.calibration)
+    result = prune_and_save(model, scores, n, out, tokenizer,
                             keep_first=cfg.keep_first, keep_last=cfg.keep_last, ratio_requested=spec.ratio,
                             model_name=cfg.model, overwrite=True, save_dtype=cfg.save_dtype, source=cfg.model,
-                            gguf_file=cfg.gguf_file)  # saved in the source's dtype by default
+                            gguf_file=cfg.gguf_file,  # saved in the source's dtype by default
+                            patch=spec.patch, calibration=windows, patch_ridge=cfg.patch_ridge)
     return result.report
 
 

@@ -1,0 +1,162 @@
+"""The training-free seam patch (``--patch linear``, shortened.seam_patch): exact fusion across architectures,
+a better seam on the calibration data, standard checkpoints, refusals, the CLI and the sweep's patch axis."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+from tiny_models import LAYERS, random_tokens, tiny_model
+from transformers import AutoModelForCausalLM
+
+from shortened.blocks import find_blocks, remove_blocks
+from shortened.cli import main
+from shortened.criteria import BlockScores
+from shortened.errors import ShortenedError
+from shortened.pruning import PRUNING_JSON, prune_and_save
+from shortened.seam_patch import apply_unfused, fit_seams, fuse, seams
+
+REMOVED = [3, 4, 6]  # two seams: block 2 patched for the run 3..4, block 5 for block 6
+# lowest scores go: blocks 3, 4 and 6 of the 8
+SCORES = [9.0, 9.0, 9.0, 1.0, 1.0, 9.0, 1.0, 9.0]
+
+
+def _hidden_after(model, tokens, block: int) -> torch.Tensor:
+    """The hidden state a block produced (output_hidden_states[i + 1] is block i's output)."""
+    with torch.no_grad():
+        return model(input_ids=tokens, output_hidden_states=True).hidden_states[block + 1]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral", "gpt2", "phi3", "gpt_neox"])
+def test_fused_logits_equal_the_unfused_block_plus_t_computation(model_type):
+    dense = tiny_model(model_type)
+    calib = random_tokens(8, 32)
+    found = fit_seams(dense, REMOVED, calib, batch_size=4)
+    assert [(s.block, s.removed) for s in found] == [(2, [3, 4]), (5, [6])]
+    assert all(s.transform.shape == (32, 32) and s.transform.dtype == torch.float64 for s in found)
+    unfused = copy.deepcopy(dense)  # the deep copy carries its own down projections: refit to hold them
+    handles = [apply_unfused(s) for s in fit_seams(unfused, REMOVED, calib, batch_size=4)]
+    remove_blocks(unfused, REMOVED)
+    remove_blocks(dense, REMOVED)
+    for s in found:
+        fuse(s)
+    x = random_tokens(2, 24, seed=1)
+    with torch.no_grad():
+        fused, reference = dense(input_ids=x).logits, unfused(input_ids=x).logits
+        for h in handles:
+            h.remove()
+        plain = unfused(input_ids=x).logits
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    assert (fused - plain).abs().max() > 1e-3  # the patch changed the model
+
+
+def test_seams_split_removed_runs_and_skip_a_run_at_block_zero():
+    got = seams([9, 5, 6, 0, 1])
+    assert [(s.block, s.removed, s.skipped is None) for s in got] == [(-1, [0, 1], False), (4, [5, 6], True),
+                                                                       (8, [9], True)]
+    assert "block 0" in got[0].to_json()["skipped"]
+
+
+def test_patched_seam_is_closer_to_the_removed_blocks_output_and_recorded(tmp_path):
+    dense = tiny_model("llama")
+    calib = random_tokens(16, 32)
+    l_dense = _hidden_after(dense, calib, 4)  # L: what the last removed block of the first run produced
+    unpatched = copy.deepcopy(dense)
+    remove_blocks(unpatched, REMOVED)
+    result = prune_and_save(dense, BlockScores("magnitude", SCORES), 3, tmp_path / "out", keep_first=1,
+                            keep_last=1, patch="linear", calibration=calib, batch_size=8)
+    patch = json.loads((tmp_path / "out" / PRUNING_JSON).read_text())["patch"]
+    assert patch == result.report["patch"]
+    assert patch["method"] == "linear" and patch["ridge"] == 0.0
+    first, second = patch["seams"]
+    assert (first["block"], first["removed"], second["block"], second["removed"]) == (2, [3, 4], 5, [6])
+    assert first["module"] == "mlp.down_proj" and first["calibration_tokens"] == 16 * 32
+    for seam in (first, second):
+        assert 0 <= seam["fit_residual"] < seam["residual_before"]
+    # the kept block 2 is block 2 of the pruned model too: its input is the dense one's
+    err = lambda h: float(((h.double() - l_dense.double()) ** 2).sum() / (l_dense.double() ** 2).sum())  # noqa: E731
+    patched_err, unpatched_err = err(_hidden_after(dense, calib, 2)), err(_hidden_after(unpatched, calib, 2))
+    assert patched_err < unpatched_err
+    assert patched_err == pytest.approx(first["fit_residual"], rel=1e-3)
+    assert unpatched_err == pytest.approx(first["residual_before"], rel=1e-3)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "qwen2"])
+def test_saved_patched_folder_is_a_standard_checkpoint_with_the_same_logits(tmp_path, model_type):
+    dense = tiny_model(model_type)
+    result = prune_and_save(dense, BlockScores("magnitude", SCORES), 3, tmp_path / "out", keep_first=1,
+                            keep_last=1, patch="linear", calibration=random_tokens(8, 32), save_dtype="float32")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(loaded) is type(result.model) and len(find_blocks(loaded)) == LAYERS - 3
+    assert set(loaded.state_dict()) == set(result.model.state_dict())  # no new parameters
+    x = random_tokens(2, 16, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, result.model(input_ids=x).logits)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "olmo2"])
+def test_post_mlp_norm_architectures_are_refused_naming_the_norm(tmp_path, model_type):
+    dense = tiny_model(model_type)
+    with pytest.raises(ShortenedError, match=rf"model_type '{model_type}'.*post_feedforward_layernorm"):
+        prune_and_save(dense, BlockScores("magnitude", SCORES), 3, tmp_path / "out", keep_first=1, keep_last=1,
+                       patch="linear", calibration=random_tokens(4, 16))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_patch_arguments_are_refused_before_work(tmp_path):
+    dense = tiny_model("llama")
+    scores = BlockScores("magnitude", SCORES)
+    with pytest.raises(ShortenedError, match="patch 'cubic'"):
+        prune_and_save(dense, scores, 3, tmp_path / "a", patch="cubic")
+    with pytest.raises(ShortenedError, match="needs calibration"):
+        prune_and_save(dense, scores, 3, tmp_path / "b", keep_first=1, keep_last=1, patch="linear")
+    assert len(find_blocks(dense)) == LAYERS and not list(tmp_path.iterdir())
+
+
+def test_cli_prune_patch_linear_round_trip(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    args = ["prune", "--model", tiny_llama_dir, "--criterion", "magnitude", "--blocks", 2, "--keep-first", 1,
+            "--keep-last", 1, "--calib-samples", 4, "--calib-seq-len", 32, "--patch", "linear", "--patch-ridge",
+            0.01, "--quiet", "--out", out]
+    assert main([str(a) for a in args]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = json.loads((out / PRUNING_JSON).read_text())
+    assert report["patch"]["ridge"] == 0.01 and printed["patch"] == report["patch"]["seams"]
+    assert sum(len(s["removed"]) for s in report["patch"]["seams"]) == 2
+    assert all(s["calibration_tokens"] == 4 * 32 and s["fit_residual"] < s["residual_before"]
+               for s in report["patch"]["seams"])
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == LAYERS - 2
+    assert main(["prune", "--model", str(tiny_llama_dir), "--criterion", "magnitude", "--blocks", "2",
+                 "--patch", "cubic", "--out", str(tmp_path / "bad")]) == 2
+    assert "--patch" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_sweep_patch_axis_keys_and_prune_stage(tiny_llama_dir, tmp_path):
+    from shortened.sweep.config import SweepConfig, load_sweep_config
+    from shortened.sweep.trial import TrialSpec, compute_scores, grid_specs, prune_stage
+
+    base = dict(name="p", model=str(tiny_llama_dir), criteria=["ppl"], blocks=[2], methods=["none", "cpt"],
+                keep_first=1, keep_last=1, calibration={"n_samples": 4, "seq_len": 32},
+                train={"train_tokens": 64}, storage_path=str(tmp_path / "runs"))
+    assert [s.key for s in grid_specs(SweepConfig.model_validate(base))] == ["dense", "ppl-b2-none",
+                                                                            "ppl-b2-cpt"]  # unchanged keys
+    cfg = SweepConfig.model_validate({**base, "patch": ["none", "linear"]})
+    assert [s.key for s in grid_specs(cfg)] == ["dense", "ppl-b2-none", "ppl-b2-cpt", "ppl-b2+linear-none",
+                                                "ppl-b2+linear-cpt"]
+    assert TrialSpec(method="cpt", criterion="ppl", ratio=0.2, patch="linear").key == "ppl-r0.2+linear-cpt"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**base, "patch": ["cubic"]}))
+    with pytest.raises(ShortenedError, match=r"patch\.0.*'none' or 'linear'"):
+        load_sweep_config(bad)
+    with pytest.raises(ShortenedError, match="bisect searches unpatched models"):
+        bad.write_text(yaml.safe_dump({**base, "blocks": None, "search": "bisect", "methods": ["none"],
+                                       "patch": ["linear"], "selection": {"policy": "max_ratio_within"}}))
+        load_sweep_config(bad)
+    scores = compute_scores(cfg, "ppl", 2, str(tmp_path / "scores.json"))
+    report = prune_stage(cfg, TrialSpec(method="none", criterion="ppl", blocks=2, patch="linear"), scores,
+                         str(tmp_path / "pruned"))
+    assert report["patch"]["seams"] and report["patch"]["seams"][0]["calibration_tokens"] == 4 * 32
+    assert json.loads((tmp_path / "pruned" / PRUNING_JSON).read_text())["patch"] == report["patch"]
