@@ -99,6 +99,42 @@ class Selection(BaseModel):
         return self
 
 
+# what a retraining trial reports while it trains (train.val_every_tokens), for a scheduler to act on
+SCHEDULER_METRICS = ("val_ppl", "val_loss")
+
+
+class Scheduler(BaseModel):
+    """Early stopping of hopeless trials: Ray Tune's ASHAScheduler (asynchronous successive halving; Li et al.,
+    2020, "A System for Massively Parallel Hyperparameter Tuning") on the held-out validation metric that
+    retraining trials report every train.val_every_tokens tokens (``tokens`` is its time attribute). At each rung
+    (grace_tokens × reduction_factor^k tokens) a trial whose metric is not in the best 1/reduction_factor of the
+    trials that reached the rung is stopped: its row is ``stopped`` with its last validation metrics, and
+    ``--resume`` does not run it again. Trials that do not retrain (dense, method none) report no validation metric
+    and are never stopped."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    name: Literal["none", "asha"] = "none"
+    """none: every trial runs to the end; asha: Ray Tune's ASHAScheduler."""
+    metric: str = "val_ppl"
+    """The reported metric ASHA compares: val_ppl or val_loss."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower (min) or higher (max) values of metric are better."""
+    grace_tokens: int = Field(1, ge=1)
+    """Tokens every trial trains before it can be stopped (ASHA's grace_period; less than train.train_tokens)."""
+    reduction_factor: float = Field(3.0, gt=1)
+    """Rungs are grace_tokens × reduction_factor^k tokens; a trial continues past a rung if its metric is in the
+    best 1/reduction_factor of the trials seen there."""
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v not in SCHEDULER_METRICS:
+            raise ValueError(f"{v!r} is not reported by trials while they train; use one of "
+                             f"{', '.join(SCHEDULER_METRICS)}")
+        return v
+
+
 class MlflowSettings(BaseModel):
     """MLflow tracking: one run per trial (per retraining on ``retrain``); off unless ``tracking_uri`` is set."""
 
@@ -196,6 +232,8 @@ class SweepConfig(BaseModel):
     """Per-trial resources."""
     selection: Selection = Field(default_factory=Selection)
     """How the trial to ship is chosen."""
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    """Early stopping of hopeless trials (name: asha), or none."""
     storage_path: str = "runs"
     """Where experiment folders live: storage_path/name (shared storage on a cluster)."""
     store_url: str | None = None
@@ -316,7 +354,28 @@ class SweepConfig(BaseModel):
         if self.train.attn_implementation != "auto":
             raise ValueError(f"train.attn_implementation {self.train.attn_implementation!r}: in a sweep, set "
                              "attn_implementation at the top level (it applies to scoring, training and evaluation)")
+        self._check_scheduler()
         return self
+
+    def _check_scheduler(self) -> None:
+        """scheduler: asha needs a grid, validation reports (train.val_every_tokens, from a source with a
+        validation split) and a grace period shorter than the token budget."""
+        from shortened.training.validation import validation_source_error
+
+        if self.scheduler.name == "none":
+            return
+        if self.search != "grid":
+            raise ValueError(f"scheduler.name {self.scheduler.name!r} stops trials of a grid; search: "
+                             f"{self.search} runs one trial at a time (use scheduler: {{name: none}})")
+        if not self.train.val_every_tokens:
+            raise ValueError(f"scheduler.name {self.scheduler.name!r} acts on {self.scheduler.metric}, which trials "
+                             "report only with train.val_every_tokens set (e.g. val_every_tokens: 1024)")
+        if self.scheduler.grace_tokens >= self.train.train_tokens:
+            raise ValueError(f"scheduler.grace_tokens {self.scheduler.grace_tokens} must be less than "
+                             f"train.train_tokens {self.train.train_tokens} (no trial could be stopped)")
+        error = validation_source_error(self.train.data)
+        if error:
+            raise ValueError(f"scheduler.name {self.scheduler.name!r}: train.{error}")
 
     @property
     def layout(self) -> ExperimentLayout:

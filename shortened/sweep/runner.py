@@ -16,6 +16,8 @@ from pathlib import Path
 
 import ray
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from shortened import console, storage
@@ -28,7 +30,7 @@ from shortened.sweep.layout import SWEEP_JSON, TIMINGS_JSON  # noqa: F401 - thei
 from shortened.sweep.lock import ExperimentLock
 from shortened.sweep.preflight import Preflight
 from shortened.sweep.selection import Choice, lower_is_better, metric_value, select, within
-from shortened.sweep.store import ResultsStore, StoreUnavailable, check_store
+from shortened.sweep.store import SETTLED, ResultsStore, StoreUnavailable, check_store
 from shortened.sweep.trial import (DENSE, TrialResult, TrialSpec, compute_scores, grid_specs, longest_first, run_trial,
                                    speed_stage)
 from shortened.tracking import SweepTracking
@@ -131,11 +133,16 @@ def setup(cfg: SweepConfig, resume: bool, checked: Preflight) -> tuple[ResultsSt
     recover_finished(cfg, store)
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials resolve relative paths like the driver does
     console.note(f"sweep {cfg.name}: {checked.concurrency} trial(s) at a time, experiment folder {cfg.layout.root}")
-    return store, completed(store.trials(cfg.name))
+    return store, settled(store.trials(cfg.name))
 
 
 def completed(trials: list[dict]) -> set[str]:
     return {t["key"] for t in trials if t["status"] == "completed"}
+
+
+def settled(trials: list[dict]) -> set[str]:
+    """Keys a resumed sweep does not run again: completed trials, and trials the scheduler stopped."""
+    return {t["key"] for t in trials if t["status"] in SETTLED}
 
 
 def register_experiment(cfg: SweepConfig, store: ResultsStore, resume: bool) -> None:
@@ -266,11 +273,63 @@ def _task(fn, cpus: float, gpus: float):
 
 def _trainable(config: dict, sweep: SweepConfig, cluster: ClusterChecked | None = None,
                worker_env: dict[str, str] | None = None) -> None:
-    """The Tune function trainable: one trial, one final report carrying its :class:`TrialResult` as it is."""
+    """The Tune function trainable: one trial, one final report carrying its :class:`TrialResult` as it is; with a
+    scheduler, its retraining's validation reports before it (:class:`ValidationToTune`)."""
     spec: TrialSpec = config["spec"]
-    result = run_trial(sweep, spec, RayTasks(sweep), worker_env, cluster)
+    callbacks = None
+    if sweep.scheduler.name != "none" and sweep.train.val_every_tokens and spec.method not in (DENSE, "none"):
+        callbacks = [ValidationToTune(spec.key, sweep.train.train_tokens, token_budget(sweep, spec.method))]
+    result = run_trial(sweep, spec, RayTasks(sweep), worker_env, cluster, train_callbacks=callbacks)
     scalars = {f"{m.name}/{m.dataset}": m.value for m in result.metrics if m.name in ("ppl", "zeroshot_mean")}
     tune.report({"key": spec.key, RESULT: result, **scalars})
+
+
+class ValidationToTune(TuneReportCallback):
+    """A Ray Train callback (it runs in the nested run's controller) that forwards every report carrying
+    ``val_ppl`` to the Tune trial that started the run, as ``{"key", "tokens", "val_loss", "val_ppl", "phase"}``:
+    Ray Tune's own Train integration (``TuneReportCallback``: a queue that the trial's session drains while
+    ``trainer.fit()`` blocks), filtered to the validation reports, so the scheduler sees one result per validation.
+    ``tokens`` counts every phase of the trial (``cpt+lora``'s LoRA phase starts after the CPT phase's
+    ``cpt_tokens``), a monotone time attribute for ASHA. The validation after the last step (at ``budget`` tokens)
+    is not forwarded: a trial that trained to the end is evaluated, never stopped."""
+
+    def __init__(self, key: str, cpt_tokens: int, budget: int):
+        super().__init__()
+        self.key, self.cpt_tokens, self.budget = key, cpt_tokens, budget
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        m = metrics[0] if metrics else {}
+        if "val_ppl" not in m:
+            return
+        offset = self.cpt_tokens if run_context.get_run_config().name == f"{self.key}-lora" else 0
+        tokens = offset + int(m["tokens"])
+        if tokens >= self.budget:
+            return
+        self._training_actor_item_queue.put({"key": self.key, "tokens": tokens,
+                                             "val_loss": float(m["val_loss"]), "val_ppl": float(m["val_ppl"]),
+                                             "phase": m.get("phase")})
+
+
+def token_budget(cfg: SweepConfig, method: str) -> int:
+    """The tokens a trial of ``method`` trains over all its phases (``cpt+lora``: CPT, then LoRA)."""
+    train = cfg.train
+    if method == "cpt+lora":
+        return train.train_tokens + (train.lora.train_tokens or train.train_tokens)
+    return train.train_tokens
+
+
+def scheduler_for(cfg: SweepConfig) -> TrialScheduler:
+    """The sweep's Tune scheduler: FIFO (every trial to the end), or ASHA on ``tokens`` up to the largest token
+    budget of a trial (``cpt+lora`` trains both phases). ASHA does not stop a trial that reaches that budget
+    (``stop_last_trials=False``: it still has to be evaluated; its validation there is not forwarded either) and
+    passes over results without its metric (the dense and ``none`` trials' only one, and every trial's final
+    result)."""
+    s = cfg.scheduler
+    if s.name == "none":
+        return FIFOScheduler()
+    max_t = max(token_budget(cfg, m) for m in cfg.methods)
+    return ASHAScheduler(time_attr="tokens", metric=s.metric, mode=s.mode, grace_period=s.grace_tokens,
+                         max_t=max_t, reduction_factor=s.reduction_factor, stop_last_trials=False)
 
 
 class StoreCallback(tune.Callback):
@@ -283,6 +342,7 @@ class StoreCallback(tune.Callback):
         self._store = store if isinstance(store, ResultsStore) else None
         self.store_url = store.url if isinstance(store, ResultsStore) else store
         self.experiment, self.total = experiment, total
+        self.stopped: set[str] = set()  # keys of the trials the scheduler stopped
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_store": None}
@@ -317,6 +377,8 @@ class StoreCallback(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         out: TrialResult | None = result.get(RESULT)
+        if out is None and "val_ppl" in result:  # a validation report; done: the scheduler stopped the trial
+            self._validation(trials, trial, result)
         if out is not None:
             self._write(out.key, "the result",
                         lambda: self.store.record_result(self.experiment, out, tune_trial_id=trial.trial_id))
@@ -325,6 +387,20 @@ class StoreCallback(tune.Callback):
             else:
                 self._progress(trials, f"finished {out.key} in {out.timings.total_s / 60:.1f} min: {out.summary()}",
                                finishing=trial)
+
+    def _validation(self, trials, trial, result: dict) -> None:
+        spec: TrialSpec = trial.config["spec"]
+        stopped = bool(result.get("done"))
+        self._write(spec.key, "the validation", lambda: self.store.record_validation(
+            self.experiment, spec.key, {"method": spec.method}, result, stopped=stopped))
+        if stopped:
+            self.stopped.add(spec.key)
+            text = (f"stopped {spec.key} early (scheduler) at {result['tokens']} tokens: "
+                    f"val_ppl {result['val_ppl']:.4g}")
+            if (view := console.active()) is not None:
+                view.note(text)
+            else:
+                self._progress(trials, text, finishing=trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         spec: TrialSpec = trial.config["spec"]
@@ -396,15 +472,22 @@ def _tune(cfg: SweepConfig, store: ResultsStore, trainable, run_name: str, n_con
     if specs is not None and not specs:
         return
     layout = cfg.layout
+    stored = StoreCallback(store, cfg.name, len(specs) if specs else None)
+    if cfg.scheduler.name != "none":
+        # the scheduler's metric is in the validation reports only (not in the final result, nor in the dense and
+        # method-none trials' one result): Tune's check that every result has it would fail those trials
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": cfg.resources.driver_cpus}),
         param_space={"spec": tune.grid_search(specs)} if specs is not None else {},
         tune_config=tune.TuneConfig(max_concurrent_trials=n_concurrent, search_alg=searcher,
-                                    num_samples=num_samples, reuse_actors=True),
+                                    num_samples=num_samples, scheduler=scheduler_for(cfg),
+                                    # a stopped trial's actor must end (its thread still blocks in the nested
+                                    # trainer.fit()): reused, it would train on in the background
+                                    reuse_actors=cfg.scheduler.name == "none"),
         run_config=tune.RunConfig(name=run_name, **_ray_storage(layout.tune),
                                   failure_config=tune.FailureConfig(max_failures=cfg.resources.max_failures),
-                                  callbacks=[StoreCallback(store, cfg.name, len(specs) if specs else None),
-                                             SweepTracking(cfg).callback()],
+                                  callbacks=[stored, SweepTracking(cfg).callback()],
                                   verbose=0),
     )
     hide = _HideTuneRestoreHint()
@@ -418,8 +501,9 @@ def _tune(cfg: SweepConfig, store: ResultsStore, trainable, run_name: str, n_con
     if errors:
         raise ShortenedError(f"{len(errors)} trial(s) failed; first: {errors[0].error!r} (details in the store: "
                              f"shortened results {layout.root})")
-    unfinished = [r for r in grid if RESULT not in (r.metrics or {})]
-    missing = [s.key for s in specs or [] if not layout.result_json(s.key).is_file()]
+    stopped = stored.stopped | {t["key"] for t in store.trials(cfg.name) if t["status"] == "stopped"}
+    unfinished = [r for r in grid if RESULT not in (r.metrics or {}) and (r.metrics or {}).get("key") not in stopped]
+    missing = [s.key for s in specs or [] if not layout.result_json(s.key).is_file() and s.key not in stopped]
     if unfinished or missing or hide.interrupted:
         n = max(len(unfinished), len(missing))
         raise SweepInterrupted(f"sweep {cfg.name!r} was interrupted with {n} trial(s) unfinished"

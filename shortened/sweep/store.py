@@ -184,7 +184,7 @@ class Trial(Base):
     params: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # 64-bit: 8B params
     params_before: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # 64-bit: 8B params
     ratio_actual: Mapped[float | None] = mapped_column(Float, nullable=True)
-    status: Mapped[str] = mapped_column(String(20), default="pending")  # running, completed, error
+    status: Mapped[str] = mapped_column(String(20), default="pending")  # TRIAL_STATUSES
     model_path: Mapped[str | None] = mapped_column(Text, nullable=True)
     tokens_trained: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # 64-bit: 8B params
     prune_s: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -210,6 +210,9 @@ class Metric(Base):
     trial: Mapped[Trial] = relationship(back_populates="metrics")
 
 
+# a trial's status: pending, running, completed, error, or stopped (early, by the sweep's scheduler: ASHA)
+TRIAL_STATUSES = ("pending", "running", "completed", "error", "stopped")
+SETTLED = ("completed", "stopped")  # statuses a resumed sweep does not run again
 TRIAL_FIELDS = [c.name for c in Trial.__table__.columns if c.name not in ("id", "experiment_id", "updated_at")]
 
 
@@ -351,6 +354,19 @@ class ResultsStore:
         """A finished trial: its columns (plus ``fields``, e.g. Tune's trial id) and exactly its metrics."""
         self.upsert_trial(experiment, result.key, {**result.row(), **fields}, result.metric_dicts(),
                           replace_metrics=True)
+
+    def record_validation(self, experiment: str, key: str, fields: dict, report: dict, *,
+                          stopped: bool = False) -> None:
+        """A retraining trial's validation report (``{"tokens", "val_loss", "val_ppl"}``, from
+        :mod:`shortened.training.validation`): its ``tokens_trained`` and the metric rows ``val_loss`` and
+        ``val_ppl`` (dataset ``validation``) replaced by these; ``stopped``: the scheduler stopped the trial on this
+        report, so its status becomes ``stopped`` (a resumed sweep does not run it again)."""
+        fields = {**fields, "tokens_trained": int(report["tokens"])}
+        if stopped:
+            fields["status"] = "stopped"
+        self.upsert_trial(experiment, key, fields, [  # the latest value (at tokens_trained) replaces the last one
+            {"name": name, "dataset": "validation", "value": float(report[name]), "protocol": "held-out windows"}
+            for name in ("val_loss", "val_ppl")])
 
     # -- reads ----------------------------------------------------------------------------------------------------
 

@@ -291,9 +291,10 @@ def speed_stage(cfg: SweepConfig, model: str, out: str | Path) -> dict:
 # -- the trial ------------------------------------------------------------------------------------------------------
 
 def run_trial(cfg: SweepConfig, spec: TrialSpec, run_task: RunTask = inline, worker_env: dict[str, str] | None = None,
-              checked: ClusterChecked | None = None) -> TrialResult:
+              checked: ClusterChecked | None = None, train_callbacks: list | None = None) -> TrialResult:
     """Prune → retrain → evaluate one spec; returns (and saves as ``result.json``) the trial's result. ``checked``:
-    what the sweep's driver verified about the cluster, so the trial's retraining does not check it again."""
+    what the sweep's driver verified about the cluster, so the trial's retraining does not check it again;
+    ``train_callbacks``: Ray Train callbacks of its retraining (intermediate results for Tune's scheduler)."""
     from shortened.evaluation import metric_rows
     from shortened.pruning import PRUNING_JSON
 
@@ -316,7 +317,7 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, run_task: RunTask = inline, wor
         retrains = spec.method != "none"
         if retrains:
             t = time.perf_counter()
-            tokens = _retrain(cfg, spec, worker_env, checked)
+            tokens = _retrain(cfg, spec, worker_env, checked, train_callbacks)
             timings["train_s"] = time.perf_counter() - t
         model_path, gguf = str(layout.evaluated_model(spec.key, retrains)), None
     t = time.perf_counter()
@@ -338,9 +339,10 @@ def run_trial(cfg: SweepConfig, spec: TrialSpec, run_task: RunTask = inline, wor
 
 
 def _retrain(cfg: SweepConfig, spec: TrialSpec, worker_env: dict[str, str] | None,
-             checked: ClusterChecked | None) -> int:
+             checked: ClusterChecked | None, train_callbacks: list | None = None) -> int:
     """Heal the pruned model with a nested Ray Train run named after the trial (re-running it resumes from its
-    checkpoints); returns the tokens trained over every phase."""
+    checkpoints); returns the tokens trained over every phase. ``train_callbacks``: Ray Train callbacks of the run
+    (the sweep's forwards validation reports to Tune's scheduler)."""
     from shortened.training.export import RETRAINING_JSON
     from shortened.training.retrain import cpt_export, retrain
 
@@ -353,7 +355,7 @@ def _retrain(cfg: SweepConfig, spec: TrialSpec, worker_env: dict[str, str] | Non
                                              "attn_implementation": cfg.attn_implementation}),
                 scale=cfg.resources.worker_scale(), storage_path=str(layout.train), name=spec.key,
                 max_failures=cfg.resources.max_failures, overwrite=True, worker_env=worker_env,
-                workers_hint="resources.workers_per_trial:", checked=checked)
+                workers_hint="resources.workers_per_trial:", checked=checked, callbacks=train_callbacks)
     record = json.loads(final.read_text())
     if "tokens_trained_total" in record:  # every phase (cpt+lora: CPT and LoRA)
         return int(record["tokens_trained_total"])

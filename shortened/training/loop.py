@@ -255,9 +255,12 @@ def fit(t: Training) -> None:
     the global batch. Every ``report_every_steps`` steps, and at a checkpoint, the ranks' mean loss since the last
     report goes into the metrics (appended to ``t.history`` and reported to the session); a checkpoint is saved
     each time the tokens trained cross a multiple of ``checkpoint_every_tokens``, and after the last step, and the
-    seconds training stood still for it are added to that step's metrics as ``checkpoint_stall_s``."""
+    seconds training stood still for it are added to that step's metrics as ``checkpoint_stall_s``. With
+    ``val_every_tokens``, each crossing of a multiple of it and the last step also report ``val_loss`` and
+    ``val_ppl`` on the held-out windows (:mod:`~shortened.training.validation`)."""
     cfg, session = t.phase.train, t.session
     tokens_per_step = cfg.tokens_per_step(session.world_size)
+    val_windows = _validation_windows(t) if cfg.val_every_tokens else None
     token_log = token_log_path(t.phase.out) if cfg.token_log else None
     asynchronous = cfg.checkpoint_upload == "async"
     t.engine.train()
@@ -277,8 +280,15 @@ def fit(t: Training) -> None:
         t.state.step += 1
         tokens = t.step * tokens_per_step
         save = t.step == t.steps_total or _crosses(tokens, tokens_per_step, cfg.checkpoint_every_tokens)
-        if t.step % cfg.report_every_steps == 0 or save:
+        validate = val_windows is not None and (t.step == t.steps_total or _crosses(tokens, tokens_per_step,
+                                                                                    cfg.val_every_tokens))
+        if t.step % cfg.report_every_steps == 0 or save or validate:
             metrics = _window_metrics(t, window, time_start=window_start, tokens=tokens)
+            if validate:
+                from shortened.training.validation import validation_metrics
+
+                metrics.update(validation_metrics(t.engine, val_windows, session.rank, session.world_size,
+                                                  session.device))
             t.history.append(metrics)
             if save:
                 stall = save_checkpoint(t.engine, t.stream, session, dict(metrics), t.state, t.staging,
@@ -292,6 +302,15 @@ def fit(t: Training) -> None:
             window.zero_()
             window_start = time.perf_counter()
         maybe_fail(session.rank, t.step)
+
+
+def _validation_windows(t: Training) -> torch.Tensor:
+    """The phase's held-out windows (``[val_windows, seq_len]``), the same on every rank."""
+    from shortened.models import load_tokenizer
+    from shortened.training.validation import validation_windows
+
+    cfg = t.phase.train
+    return validation_windows(cfg.data, load_tokenizer(t.phase.model), cfg.val_windows)
 
 
 def _train_micro_batch(t: Training, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -180,12 +180,14 @@ def run_records(phases: list[Phase], scale: ScaleConfig) -> list[dict]:
 def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None = None, storage_path: str,
             name: str, max_failures: int = 0, overwrite: bool = False, teacher: str | None = None,
             worker_env: dict[str, str] | None = None, address: str | None = None,
-            workers_hint: str = "--workers", checked: ClusterChecked | None = None) -> RetrainResult:
+            workers_hint: str = "--workers", checked: ClusterChecked | None = None,
+            callbacks: list | None = None) -> RetrainResult:
     """Run every phase with Ray Train; re-running with the same ``name`` and ``storage_path`` resumes (only the same
     retraining: anything else is refused before workers start; another worker count continues the run exactly, if
     it splits the global batch evenly). ``checked``: what the caller already verified about the cluster (a sweep's
     driver, once for every trial); when it covers this storage path and scale, the connection, placement and
-    shared-storage checks are not run again."""
+    shared-storage checks are not run again. ``callbacks``: Ray Train ``UserCallback``s of every phase's run (a
+    sweep trial's forwards validation reports to Tune)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -234,6 +236,7 @@ def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None
             run_config=RunConfig(name=phase.run, **ray_storage,
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                                  failure_config=FailureConfig(max_failures=max_failures),
+                                 callbacks=callbacks or None,
                                  worker_runtime_env={"env_vars": worker_env} if worker_env else None))
         result = trainer.fit()
         if result.error:
