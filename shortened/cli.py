@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from shortened import console, io
 from shortened.cli_parser import Parser, Part, Verb, explain
 from shortened.cluster import ScaleConfig
+from shortened.criteria.task import TaskCriterionConfig
 from shortened.data.calibration import CalibrationConfig
 from shortened.data.config import DataConfig
 from shortened.errors import Interrupted, ShortenedError
@@ -97,7 +98,7 @@ class ScoringOptions(ModelOptions):
     """The model and how its blocks are scored"""
 
     criterion: str
-    """The block-importance criterion: ppl, taylor, magnitude, block_influence, angular or iterative
+    """The block-importance criterion: ppl, taylor, magnitude, block_influence, angular, iterative, reverse or task
     (shortened.criteria.CRITERIA)."""
     ratio: float | None = None
     """Fraction of the parameters to remove, in [0, 1), rounded down to whole blocks."""
@@ -110,6 +111,8 @@ class ScoringOptions(ModelOptions):
     """Never remove the last N blocks."""
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     """The calibration set of criteria that read text."""
+    task_criterion: TaskCriterionConfig = Field(default_factory=TaskCriterionConfig)
+    """The zero-shot sample of the task criterion (Minitron)."""
     batch_size: Count = 1
     """Calibration samples per forward."""
     quiet: bool = False
@@ -358,7 +361,7 @@ def _scores_for(args: argparse.Namespace, model, n_remove: int | None, tokenizer
                                   keep_first=args.keep_first, keep_last=args.keep_last, batch_size=args.batch_size,
                                   n_remove=n_remove, ratio=getattr(args, "ratio", None), progress=not args.quiet,
                                   model_name=_recorded_model(args.model),
-                                  seq_len_option=args.typed.flag("calibration.seq_len"))
+                                  seq_len_option=args.typed.flag("calibration.seq_len"), task=args.task_criterion)
 
 
 def cmd_score(args: argparse.Namespace) -> int:

@@ -24,14 +24,15 @@ END = "<!-- config-reference:end -->"
 def config_models() -> list[type[BaseModel]]:
     """The models a YAML config or a verb's flags are made of, the sweep's first and the nested ones after it."""
     from shortened.cluster import ScaleConfig
+    from shortened.criteria.task import TaskCriterionConfig
     from shortened.data.calibration import CalibrationConfig
     from shortened.data.config import DataConfig
     from shortened.evaluation import EvalConfig
     from shortened.sweep.config import MlflowSettings, Resources, Selection, SweepConfig, TrackingConfig
     from shortened.training.config import DistillSettings, LoraSettings, TrainConfig
 
-    return [SweepConfig, TrainConfig, DataConfig, LoraSettings, DistillSettings, CalibrationConfig, EvalConfig,
-            Resources, Selection, TrackingConfig, MlflowSettings, ScaleConfig]
+    return [SweepConfig, TrainConfig, DataConfig, LoraSettings, DistillSettings, CalibrationConfig,
+            TaskCriterionConfig, EvalConfig, Resources, Selection, TrackingConfig, MlflowSettings, ScaleConfig]
 
 
 def _markdown(doc: str | None) -> str:

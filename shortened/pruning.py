@@ -88,11 +88,13 @@ def resolve_block_count(model: PreTrainedModel, *, ratio: float | None, blocks: 
 
 def score_blocks(model: PreTrainedModel, criterion: str, calibration: torch.Tensor | None, *,
                  keep_first: int = KEEP_FIRST, keep_last: int = KEEP_LAST, batch_size: int = 1, n_remove: int | None = None, progress: bool = True,
-                 ratio: float | None = None) -> BlockScores:
+                 ratio: float | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                 task=None) -> BlockScores:
     """Run one criterion. ``calibration`` may be ``None`` only for data-free criteria (``magnitude``).
 
     ``ratio`` (with ``n_remove``) keeps the ``iterative`` criterion's removal steps within that share of the
-    parameters, each block counted at its real size."""
+    parameters, each block counted at its real size. ``tokenizer`` and ``task`` (a
+    :class:`shortened.criteria.TaskCriterionConfig`) are what the ``task`` criterion evaluates with."""
     crit = get_criterion(criterion)
     if calibration is None and criterion not in DATA_FREE:
         raise ShortenedError(f"criterion {criterion!r} needs calibration data")
@@ -100,7 +102,8 @@ def score_blocks(model: PreTrainedModel, criterion: str, calibration: torch.Tens
     check_prunable(model, allowed)
     ctx = ScoringContext(allowed=allowed, batch_size=batch_size, n_remove=n_remove, progress=progress,
                          sizes=block_param_counts(model) if ratio is not None else None,
-                         max_params=param_budget(model, ratio) if ratio is not None else None)
+                         max_params=param_budget(model, ratio) if ratio is not None else None,
+                         tokenizer=tokenizer, task=task)
     scores = crit.score(model, calibration, ctx)
     scores.extra.setdefault("keep_first", keep_first)
     scores.extra.setdefault("keep_last", keep_last)
@@ -111,7 +114,7 @@ def score_with_calibration(model: PreTrainedModel, criterion: str, *, tokenizer:
                            calibration: CalibrationConfig | None, keep_first: int = KEEP_FIRST,
                            keep_last: int = KEEP_LAST, batch_size: int = 1, n_remove: int | None = None,
                            ratio: float | None = None, progress: bool = True, model_name: str | None = None,
-                           seq_len_option: str = "calibration.seq_len") -> BlockScores:
+                           seq_len_option: str = "calibration.seq_len", task=None) -> BlockScores:
     """Score the blocks with one criterion, drawing its calibration windows first: the one scoring path of
     ``shortened score``/``prune`` and of a sweep's shared scores.
 
@@ -132,7 +135,8 @@ def score_with_calibration(model: PreTrainedModel, criterion: str, *, tokenizer:
         windows = calibration_windows(tokenizer, calibration)
         info = describe(calibration, windows)
     scores = score_blocks(model, criterion, windows, keep_first=keep_first, keep_last=keep_last,
-                          batch_size=batch_size, n_remove=n_remove, progress=progress, ratio=ratio)
+                          batch_size=batch_size, n_remove=n_remove, progress=progress, ratio=ratio,
+                          tokenizer=tokenizer, task=task)
     scores.calibration = info
     if model_name is not None:
         scores.model = model_name

@@ -10,6 +10,7 @@ from shortened.criteria.iterative import score_iterative, select_iterative
 from shortened.criteria.order import score_reverse, select_tail
 from shortened.criteria.ppl import score_ppl
 from shortened.criteria.similarity import score_angular, score_block_influence, select_span
+from shortened.criteria.task import TaskCriterionConfig, score_task, select_task_span
 from shortened.criteria.weights import score_magnitude, score_taylor
 from shortened.errors import ShortenedError
 
@@ -21,6 +22,7 @@ CRITERIA: dict[str, Criterion] = {c.name: c for c in [
     Criterion("angular", score_angular, select_span, "angular distance across a span of blocks (Gromov et al.)"),
     Criterion("iterative", score_iterative, select_iterative, "greedy one-at-a-time removal by NLL (SLEB-style)"),
     Criterion("reverse", score_reverse, select_tail, "the last removable blocks, before the kept tail (Lu et al.)"),
+    Criterion("task", score_task, select_task_span, "the span whose removal costs least zero-shot accuracy (Minitron)"),
 ]}
 
 # Criteria that only look at weights or at the block order need no calibration data.
@@ -34,4 +36,5 @@ def get_criterion(name: str) -> Criterion:
         raise ShortenedError(f"criterion {name!r} is unknown; choose one of {', '.join(CRITERIA)}") from None
 
 
-__all__ = ["CRITERIA", "DATA_FREE", "BlockScores", "Criterion", "ScoringContext", "get_criterion", "select_lowest"]
+__all__ = ["CRITERIA", "DATA_FREE", "BlockScores", "Criterion", "ScoringContext", "TaskCriterionConfig",
+           "get_criterion", "select_lowest"]

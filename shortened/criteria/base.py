@@ -30,6 +30,8 @@ class ScoringContext:
     sizes: list[int] | None = None  # parameters per block, with max_params: iterative steps stay in the budget
     max_params: int | None = None
     progress: bool = True
+    tokenizer: object | None = None  # the task criterion runs zero-shot tasks with it
+    task: object | None = None  # the task criterion's sample (criteria.task.TaskCriterionConfig; None: its default)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pydantic import (BaseModel, ConfigDict, Field, field_serializer, field_vali
                       model_validator)
 
 from shortened.cluster import ScaleConfig, WorkerCount
-from shortened.criteria import CRITERIA
+from shortened.criteria import CRITERIA, TaskCriterionConfig
 from shortened.data.calibration import CalibrationConfig
 from shortened.evaluation import EvalConfig
 from shortened.pruning import KEEP_FIRST, KEEP_LAST
@@ -224,6 +224,8 @@ class SweepConfig(BaseModel):
     """The last blocks, never removed (pruning.KEEP_LAST)."""
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     """The calibration set of the criteria."""
+    task_criterion: TaskCriterionConfig = Field(default_factory=TaskCriterionConfig)
+    """The zero-shot sample of the task criterion (Minitron): task(s), items, batch size."""
     train: TrainConfig
     """Retraining (``method`` is set per trial)."""
     eval: EvalConfig = Field(default_factory=lambda: EvalConfig(ppl=["wikitext2"]))

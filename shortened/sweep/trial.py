@@ -204,7 +204,7 @@ def compute_scores(cfg: SweepConfig, criterion: str, n_remove: int, out: str) ->
     ratio = max(cfg.ratios) if cfg.ratios and not cfg.blocks and cfg.search != "bisect" else None
     scores = score_with_calibration(model, criterion, tokenizer=tokenizer, calibration=cfg.calibration,
                                     keep_first=cfg.keep_first, keep_last=cfg.keep_last, n_remove=n_remove,
-                                    ratio=ratio, progress=False, model_name=cfg.model)
+                                    ratio=ratio, progress=False, model_name=cfg.model, task=cfg.task_criterion)
     scores.save(out)  # atomically: a file at ``out`` is always a complete one
     return out
 

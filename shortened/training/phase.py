@@ -19,7 +19,7 @@ class Phase(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: str  # cpt | lora | distill
+    method: str  # cpt | lora | distill | partial
     model: str
     out: str
     tokens: int
