@@ -454,6 +454,14 @@ class SweepConsole:
             row.error = error.strip().splitlines()[-1] if error.strip() else "see the Tune log"
             self._event(row, "FAILED", f": {row.error}")
 
+    def trial_stopped(self, spec, tokens: int, why: str) -> None:
+        """The scheduler (ASHA) stopped the trial early at ``tokens``; ``why``: its last validation metric."""
+        with self._lock:
+            row = self._row(spec)
+            row.state, row.phase, row.finished = "stopped", "stopped", time.time()
+            row.tokens, row.metric = tokens, why
+            self._event(row, "stopped early (scheduler)")
+
     def note(self, text: str) -> None:
         """A one-off line between the rows (scoring, the speed pass)."""
         with self._lock:
@@ -497,7 +505,8 @@ class SweepConsole:
 
     def _counts(self) -> tuple[int, int, int]:
         rows = list(self.rows.values())
-        return (sum(r.state in ("done", "failed") for r in rows), sum(r.state == "running" for r in rows), len(rows))
+        return (sum(r.state in ("done", "failed", "stopped") for r in rows), sum(r.state == "running" for r in rows),
+                len(rows))
 
     def _prefix(self) -> str:
         done, _, total = self._counts()
@@ -560,7 +569,7 @@ class SweepConsole:
         t = Table(title=f"sweep {self.name}", caption=self.totals(now), title_justify="left", caption_justify="left")
         for col in ("trial", "state", "phase", "tokens / budget", "last metric", "elapsed", "ETA"):
             t.add_column(col, justify="right" if col in ("tokens / budget", "elapsed", "ETA") else "left")
-        style = {"done": "green", "failed": "red", "running": "cyan", "pending": "dim"}
+        style = {"done": "green", "failed": "red", "stopped": "yellow", "running": "cyan", "pending": "dim"}
         with self._lock:
             for r in self.rows.values():
                 eta = self.eta(r, now)
@@ -606,9 +615,11 @@ class SweepConsole:
         else:
             done, _, total = self._counts()
             failed = sum(r.state == "failed" for r in self.rows.values())
+            stopped = sum(r.state == "stopped" for r in self.rows.values())
+            notes = ", ".join([f"{failed} failed"] * bool(failed) + [f"{stopped} stopped early"] * bool(stopped))
             if total:
                 self._print(f"[sweep {self.name}] {time.strftime('%H:%M:%S')} {done} of {total} trial(s) ended"
-                            f"{f' ({failed} failed)' if failed else ''}; {_minutes(time.time() - self.start)} in all")
+                            f"{f' ({notes})' if notes else ''}; {_minutes(time.time() - self.start)} in all")
 
 
 _active: list[SweepConsole] = []

@@ -167,3 +167,23 @@ def test_ray_train_controller_retry_warnings_are_dropped_after_its_own_logging_s
                                         "error.", exc_info=True)
     logging.getLogger(name).warning("something a user must see")
     assert buf.getvalue() == "something a user must see\n"
+
+
+def test_a_trial_the_scheduler_stopped_shows_as_stopped(tmp_path):
+    from shortened.console import SweepConsole
+    from shortened.sweep import SweepConfig
+    from shortened.sweep.trial import TrialSpec
+
+    cfg = SweepConfig.model_validate(dict(name="t", model=str(tmp_path), criteria=["taylor"], ratios=[0.35],
+                                          methods=["cpt"], train={"train_tokens": 2048}, storage_path=str(tmp_path)))
+    out = io.StringIO()
+    spec = TrialSpec(method="cpt", criterion="taylor", ratio=0.35)
+    with SweepConsole("t", cfg.layout, cfg, stream=out, poll_s=0.05) as view:
+        view.add_trials([spec])
+        view.trial_started(spec)
+        view.trial_stopped(spec, 256, "val_ppl 1.3e+05")
+        assert view.rows[spec.key].state == "stopped" and view.eta(view.rows[spec.key], 0.0) is None
+    lines = out.getvalue().splitlines()
+    assert re.search(r"1/1 done · stopped early \(scheduler\) taylor-r0.35-cpt · 256/2,048 tokens · val_ppl 1.3e\+05",
+                     lines[-2]), lines
+    assert "1 of 1 trial(s) ended (1 stopped early)" in lines[-1]

@@ -398,7 +398,7 @@ class StoreCallback(tune.Callback):
             text = (f"stopped {spec.key} early (scheduler) at {result['tokens']} tokens: "
                     f"val_ppl {result['val_ppl']:.4g}")
             if (view := console.active()) is not None:
-                view.note(text)
+                view.trial_stopped(spec, int(result["tokens"]), f"val_ppl {result['val_ppl']:.4g}")
             else:
                 self._progress(trials, text, finishing=trial)
 
