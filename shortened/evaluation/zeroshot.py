@@ -192,6 +192,7 @@ def evaluate_zeroshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     Raises :class:`ShortenedError` for an unknown task, a missing local task file or a bad batch size."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     from shortened.console import skip_git_probe
 
@@ -205,9 +206,12 @@ def evaluate_zeroshot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         cache = str(Path(cache_dir) / f"lm-eval-{weights_digest(model)}") if cache_dir else None
         if cache:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        # the local task definitions are complete configs: lm-eval's index of its own task files is not needed
+        # (building it takes ~27 s a call on 2 cores)
+        manager = TaskManager(include_defaults=source != "local")
         out = lm_eval.simple_evaluate(model=lm, tasks=specs, num_fewshot=0, limit=limit, bootstrap_iters=0,
                                       use_cache=cache, log_samples=False, random_seed=0, numpy_random_seed=0,
-                                      torch_random_seed=0)
+                                      torch_random_seed=0, task_manager=manager)
     rows = []
     for t in names:
         key = PREFIX + t if source == "local" else TASKS[t].hub_task
