@@ -28,11 +28,13 @@ def config_models() -> list[type[BaseModel]]:
     from shortened.data.calibration import CalibrationConfig
     from shortened.data.config import DataConfig
     from shortened.evaluation import EvalConfig
-    from shortened.sweep.config import MlflowSettings, Resources, Selection, SweepConfig, TrackingConfig
+    from shortened.sweep.config import (MlflowSettings, Resources, Scheduler, Selection, SweepConfig,
+                                        TrackingConfig)
     from shortened.training.config import DistillSettings, LoraSettings, TrainConfig
 
     return [SweepConfig, TrainConfig, DataConfig, LoraSettings, DistillSettings, CalibrationConfig,
-            TaskCriterionConfig, EvalConfig, Resources, Selection, TrackingConfig, MlflowSettings, ScaleConfig]
+            TaskCriterionConfig, EvalConfig, Resources, Selection, Scheduler, TrackingConfig, MlflowSettings,
+            ScaleConfig]
 
 
 def _markdown(doc: str | None) -> str:
