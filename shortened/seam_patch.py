@@ -24,6 +24,7 @@ mixture of experts is refused with :class:`ShortenedError` naming the model type
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -34,7 +35,12 @@ from transformers import PreTrainedModel
 from shortened.blocks import find_blocks
 from shortened.errors import ShortenedError
 
+log = logging.getLogger(__name__)
+
 PATCHES = ("none", "linear")
+# fewer calibration tokens than this many times the hidden size, without a ridge, and T (d × d) overfits: on
+# SmolLM2 (d = 576) at 20% pruned, 10×128 windows made WikiText-2 perplexity 1.80× the unpatched, 128×128 0.92×
+MIN_TOKENS_PER_DIM = 16
 
 
 @dataclass
@@ -277,6 +283,12 @@ def fit_seams(model: PreTrainedModel, removed: list[int], calibration: torch.Ten
         scale = st.ll if st.ll > 0 else 1.0
         s.fit_residual = max(fit, 0.0) / scale
         s.residual_before = st.before / scale
+    tokens, d = active[0].calibration_tokens, active[0].transform.shape[0]
+    if ridge == 0 and tokens < MIN_TOKENS_PER_DIM * d:
+        log.warning("the seam patch fits a %d×%d map on %d calibration tokens (fewer than %d): it may overfit and "
+                    "make the model worse; use more calibration windows (calibration.n_samples × seq_len ≥ %d) "
+                    "or a ridge (patch_ridge, e.g. 0.01)", d, d, tokens, MIN_TOKENS_PER_DIM * d,
+                    MIN_TOKENS_PER_DIM * d)
     return found
 
 

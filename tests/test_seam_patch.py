@@ -160,3 +160,20 @@ def test_sweep_patch_axis_keys_and_prune_stage(tiny_llama_dir, tmp_path):
                          str(tmp_path / "pruned"))
     assert report["patch"]["seams"] and report["patch"]["seams"][0]["calibration_tokens"] == 4 * 32
     assert json.loads((tmp_path / "pruned" / PRUNING_JSON).read_text())["patch"] == report["patch"]
+
+
+def test_too_few_calibration_tokens_for_the_map_warn_unless_a_ridge_is_set(caplog):
+    """T is d × d: fitted on fewer than 16·d tokens without a ridge it overfits (SmolLM2: 1.80× the unpatched
+    perplexity on 10×128 windows), which the fit says; enough tokens or a ridge give no warning."""
+    import logging
+
+    model = tiny_model("llama")
+    d = model.config.hidden_size
+    with caplog.at_level(logging.WARNING, logger="shortened.seam_patch"):
+        fit_seams(model, REMOVED, random_tokens(4, 32))
+        few = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        fit_seams(model, REMOVED, random_tokens(4, 32), ridge=0.01)
+        fit_seams(model, REMOVED, random_tokens(16 * d // 64 + 1, 64))
+    assert len(few) == 1 and f"{d}×{d} map on 128 calibration tokens (fewer than {16 * d})" in few[0], few
+    assert caplog.records == []
