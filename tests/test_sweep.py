@@ -79,7 +79,9 @@ def test_bad_inputs_fail_before_ray_starts(tmp_path, tiny_llama_dir):
              ({"attn_implementation": "flash_attention_2"}, "attn_implementation 'flash_attention_2' needs GPUs"),
              ({"attn_implementation": "eagre"}, "eagre"),
              ({"device": "cuda"}, "resources.use_gpu"),
-             ({"blocks": None, "ratios": [0.2]}, r"ratio 0.2 \(\d+ of 8 blocks\) removes more than the 6 blocks")]
+             ({"blocks": None, "ratios": [0.2]}, r"ratio 0.2 \(\d+ of 8 blocks\) removes more than the 6 blocks"),
+             ({"methods": ["partial"], "train": {**base["train"], "partial_blocks": 7}},
+              r"train.partial_blocks 7 must be between 1 and the 4 blocks of the most pruned model \(4 of 8 removed\)")]
     for change, message in cases:
         path = write_yaml(tmp_path / "c.yaml", {**base, **change})
         with pytest.raises(ShortenedError, match=message):

@@ -144,14 +144,25 @@ def max_blocks(cfg: SweepConfig) -> int:
             skeleton = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError) as exc:
         raise ShortenedError(f"model {cfg.model!r}: cannot read its config: {exc}") from exc
-    allowed = len(allowed_blocks(len(find_blocks(skeleton)), cfg.keep_first, cfg.keep_last))
+    n_blocks = len(find_blocks(skeleton))
+    allowed = len(allowed_blocks(n_blocks, cfg.keep_first, cfg.keep_last))
     if cfg.search == "bisect":
-        return allowed
-    counts = [resolve_block_count(skeleton, ratio=r, blocks=None, keep_first=cfg.keep_first,
-                                  keep_last=cfg.keep_last) for r in cfg.ratios or []]
-    counts += [resolve_block_count(skeleton, ratio=None, blocks=b, keep_first=cfg.keep_first,
-                                   keep_last=cfg.keep_last) for b in cfg.blocks or []]
-    return max(counts)
+        most = allowed
+    else:
+        counts = [resolve_block_count(skeleton, ratio=r, blocks=None, keep_first=cfg.keep_first,
+                                      keep_last=cfg.keep_last) for r in cfg.ratios or []]
+        counts += [resolve_block_count(skeleton, ratio=None, blocks=b, keep_first=cfg.keep_first,
+                                       keep_last=cfg.keep_last) for b in cfg.blocks or []]
+        most = max(counts)
+    if "partial" in cfg.methods:  # the most pruned model must still have the blocks partial trains
+        from shortened.training.partial import check_partial_blocks
+
+        try:
+            check_partial_blocks(cfg.train.partial_blocks, n_blocks - most,
+                                 f"the most pruned model ({most} of {n_blocks} removed)")
+        except ShortenedError as exc:
+            raise ShortenedError(f"train.{exc}") from None
+    return most
 
 
 def _config_diff(old: dict, new: dict) -> list[str]:
