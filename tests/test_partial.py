@@ -106,10 +106,15 @@ def test_cli_retrain_partial(tiny_llama_dir, tmp_path, capsys):
     """The real command (Ray Train, one worker): --method partial --partial_blocks 2."""
     from shortened.cli import main
 
+    import ray
+
     out = tmp_path / "healed"
-    assert main(["retrain", "--model", str(tiny_llama_dir), "--method", "partial", "--partial_blocks", "2",
-                 "--train_tokens", "256", "--data.seq_len", "64", "--micro_batch_size", "2", "--lr", "3e-3",
-                 "--storage_path", str(tmp_path / "s"), "--out", str(out)]) == 0
+    try:
+        assert main(["retrain", "--model", str(tiny_llama_dir), "--method", "partial", "--partial_blocks", "2",
+                     "--train_tokens", "256", "--data.seq_len", "64", "--micro_batch_size", "2", "--lr", "3e-3",
+                     "--storage_path", str(tmp_path / "s"), "--out", str(out)]) == 0
+    finally:  # the in-process command leaves its local Ray up; later tests check that refusals come before Ray
+        ray.shutdown()
     report = json.loads(capsys.readouterr().out)
     assert report["metrics"]["tokens"] == 256
     record = json.loads((out / "retraining.json").read_text())
