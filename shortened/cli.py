@@ -498,10 +498,17 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     check_output(args.out, kind="dir", overwrite=args.overwrite, flag="--out")  # before 30 s of Ray start-up
     name = args.name or Path(args.out).name
     tracking.check_mlflow(args.tracking.mlflow, name, args.typed.flag("mlflow.tracking_uri"))
-    result = retrain(args.model, args.out, args.train, scale=args.scale, storage_path=args.storage_path,
-                     name=name, max_failures=args.max_failures,
-                     overwrite=args.overwrite, address=args.address,
-                     workers_hint=args.typed.flag("num_workers"))
+    import ray
+
+    ray_was_up = ray.is_initialized()
+    try:
+        result = retrain(args.model, args.out, args.train, scale=args.scale, storage_path=args.storage_path,
+                         name=name, max_failures=args.max_failures,
+                         overwrite=args.overwrite, address=args.address,
+                         workers_hint=args.typed.flag("num_workers"))
+    finally:  # a Ray this command started is its own, as a sweep's is (run in-process, it would outlive it)
+        if not ray_was_up:
+            ray.shutdown()
     tracking.log_retraining(args.tracking, model=args.model, model_dir=result.model_dir, name=name,
                             storage_path=storage.absolute(args.storage_path), train=args.train,
                             num_workers=args.scale.num_workers)
