@@ -60,3 +60,14 @@ def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     model.save_pretrained(out)
     smollm2_tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray of 2 CPUs for one test module, shut down after it."""
+    import ray
+
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    ray.init(num_cpus=2, log_to_driver=False)
+    yield ray
+    ray.shutdown()

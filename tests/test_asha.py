@@ -5,7 +5,6 @@ runs nothing."""
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import pytest
@@ -98,16 +97,6 @@ def test_validation_windows_and_metrics(smollm2_tokenizer, data_dir):
 
 
 # -- a sweep on local Ray -------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-    ray.init(num_cpus=2, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
 
 def _released(ray, timeout_s: float = 60.0) -> tuple[float, list, list]:
     """Wait until every CPU is free again; returns the free CPUs, the placement groups not removed and the live

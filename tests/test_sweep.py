@@ -470,16 +470,6 @@ def test_grid_sweep_killed_driver_resumes_without_duplicates(tmp_path, tiny_llam
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-    ray.init(num_cpus=2, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def short_smollm2(tmp_path_factory, smollm2_hf_dir) -> Path:
     """SmolLM2 cut to 10 of its 30 blocks: a real language model small enough that a grid over every block count
     runs in a minute, and where removing blocks raises perplexity."""
