@@ -149,6 +149,13 @@ class PruneOptions(FolderOutput, ScoringOptions):
     into the MLP down projection of the kept block before each removed run (shortened.seam_patch)."""
     patch_ridge: float = Field(0.0, ge=0, allow_inf_nan=False)
     """Ridge term of the seam patch's fit, relative to the mean diagonal of MᵀM (0: plain least squares)."""
+    patch_fit: Literal["relative", "lstsq"] = "relative"
+    """Token weighting of the seam patch's fit: relative (each token's error relative to its target's norm, so the
+    few massive-activation tokens do not dominate; ReplaceMe's cosine objective in closed form) or lstsq (plain
+    least squares)."""
+    patch_samples: int | None = Field(None, ge=1, le=1_000_000)
+    """Calibration windows (of calibration.seq_len tokens, from calibration.source) the seam patch is fitted on;
+    None: enough for 16 tokens per hidden dimension, at least calibration.n_samples."""
 
     @model_validator(mode="after")
     def _amount_given(self) -> PruneOptions:
@@ -421,13 +428,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         from shortened.data.calibration import calibration_windows
         from shortened.models import check_positions
 
+        from shortened.seam_patch import patch_calibration
+
         check_positions(model, patch_cfg.seq_len, args.typed.flag("calibration.seq_len"))
-        windows = calibration_windows(tokenizer, patch_cfg)
+        windows = calibration_windows(tokenizer, patch_calibration(model, patch_cfg, args.patch_samples))
     result = prune_and_save(model, scores, n_remove, args.out, tokenizer, keep_first=args.keep_first,
                             keep_last=args.keep_last, ratio_requested=args.ratio,
                             model_name=_recorded_model(args.model), overwrite=args.overwrite,
                             save_dtype=args.save_dtype, source=_source(args), patch=args.patch,
-                            calibration=windows, patch_ridge=args.patch_ridge, batch_size=args.batch_size)
+                            calibration=windows, patch_ridge=args.patch_ridge, patch_fit=args.patch_fit,
+                            batch_size=args.batch_size)
     r = result.report
     console.result(json.dumps({"out": str(result.path), "removed_blocks": r["removed_blocks"], "num_blocks_after": r["num_blocks_after"],
                       "params_before": r["params_before"], "params_after": r["params_after"],

@@ -17,7 +17,7 @@ from shortened.cli import main
 from shortened.criteria import BlockScores
 from shortened.errors import ShortenedError
 from shortened.pruning import PRUNING_JSON, prune_and_save
-from shortened.seam_patch import apply_unfused, fit_seams, fuse, seams
+from shortened.seam_patch import apply_unfused, fit_seams, fuse, patch_windows, seams
 
 REMOVED = [3, 4, 6]  # two seams: block 2 patched for the run 3..4, block 5 for block 6
 # lowest scores go: blocks 3, 4 and 6 of the 8
@@ -125,8 +125,11 @@ def test_cli_prune_patch_linear_round_trip(tiny_llama_dir, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     report = json.loads((out / PRUNING_JSON).read_text())
     assert report["patch"]["ridge"] == 0.01 and printed["patch"] == report["patch"]["seams"]
+    assert report["patch"]["fit"] == "relative"
     assert sum(len(s["removed"]) for s in report["patch"]["seams"]) == 2
-    assert all(s["calibration_tokens"] == 4 * 32 and s["fit_residual"] < s["residual_before"]
+    # no --patch-samples: the patch is fitted on 16 tokens per hidden dimension, not on the criteria's 4 windows
+    d = AutoModelForCausalLM.from_pretrained(out).config.hidden_size
+    assert all(s["calibration_tokens"] == 16 * d and s["fit_residual"] < s["residual_before"]
                for s in report["patch"]["seams"])
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == LAYERS - 2
     assert main(["prune", "--model", str(tiny_llama_dir), "--criterion", "magnitude", "--blocks", "2",
@@ -143,7 +146,7 @@ def test_sweep_patch_axis_keys_and_prune_stage(tiny_llama_dir, tmp_path):
                 train={"train_tokens": 64}, storage_path=str(tmp_path / "runs"))
     assert [s.key for s in grid_specs(SweepConfig.model_validate(base))] == ["dense", "ppl-b2-none",
                                                                             "ppl-b2-cpt"]  # unchanged keys
-    cfg = SweepConfig.model_validate({**base, "patch": ["none", "linear"]})
+    cfg = SweepConfig.model_validate({**base, "patch": ["none", "linear"], "patch_samples": 6, "patch_fit": "lstsq"})
     assert [s.key for s in grid_specs(cfg)] == ["dense", "ppl-b2-none", "ppl-b2-cpt", "ppl-b2+linear-none",
                                                 "ppl-b2+linear-cpt"]
     assert TrialSpec(method="cpt", criterion="ppl", ratio=0.2, patch="linear").key == "ppl-r0.2+linear-cpt"
@@ -158,7 +161,8 @@ def test_sweep_patch_axis_keys_and_prune_stage(tiny_llama_dir, tmp_path):
     scores = compute_scores(cfg, "ppl", 2, str(tmp_path / "scores.json"))
     report = prune_stage(cfg, TrialSpec(method="none", criterion="ppl", blocks=2, patch="linear"), scores,
                          str(tmp_path / "pruned"))
-    assert report["patch"]["seams"] and report["patch"]["seams"][0]["calibration_tokens"] == 4 * 32
+    assert report["patch"]["seams"] and report["patch"]["seams"][0]["calibration_tokens"] == 6 * 32
+    assert report["patch"]["fit"] == "lstsq" and report["patch"]["seams"][0]["fit"] == "lstsq"
     assert json.loads((tmp_path / "pruned" / PRUNING_JSON).read_text())["patch"] == report["patch"]
 
 
@@ -177,3 +181,37 @@ def test_too_few_calibration_tokens_for_the_map_warn_unless_a_ridge_is_set(caplo
         fit_seams(model, REMOVED, random_tokens(16 * d // 64 + 1, 64))
     assert len(few) == 1 and f"{d}×{d} map on 128 calibration tokens (fewer than {16 * d})" in few[0], few
     assert caplog.records == []
+
+
+def test_relative_fit_is_the_token_weighted_least_squares_and_lstsq_the_plain_one():
+    """``relative`` solves Σ_t ‖M_t·T − R_t‖² / ‖L_t‖² (R = L − Y), ``lstsq`` Σ_t ‖M_t·T − R_t‖²: both checked
+    against the closed form on M, Y, L captured here; a token of massive norm moves lstsq's T, not relative's."""
+    model = tiny_model("llama")
+    blocks = find_blocks(model).blocks
+    calib = random_tokens(24, 32)
+    got = {}
+    hooks = [blocks[2].mlp.down_proj.register_forward_hook(lambda _m, _i, o: got.__setitem__("m", o)),
+             blocks[2].register_forward_hook(lambda _m, _i, o: got.__setitem__("h", o[0] if isinstance(o, tuple) else o)),
+             blocks[4].register_forward_hook(lambda _m, _i, o: got.__setitem__("l", o[0] if isinstance(o, tuple) else o))]
+    with torch.no_grad():
+        model(input_ids=calib, use_cache=False)
+    for h in hooks:
+        h.remove()
+    m, h, l_ = (got[k].double().reshape(-1, got[k].shape[-1]) for k in ("m", "h", "l"))
+    r = l_ - (h - m)
+    w2 = 1 / (l_ * l_).sum(1, keepdim=True)
+    want = {"relative": torch.linalg.solve((m * w2).T @ m, (m * w2).T @ r), "lstsq": torch.linalg.solve(m.T @ m, m.T @ r)}
+    for fit, t in want.items():
+        seam = fit_seams(model, [3, 4], calib, batch_size=24, fit=fit)[0]
+        assert seam.block == 2 and seam.fit == fit
+        torch.testing.assert_close(seam.transform, t, rtol=1e-6, atol=1e-8)
+    assert (want["relative"] - want["lstsq"]).abs().max() > 1e-3  # the weighting matters on real activations
+    with pytest.raises(ShortenedError, match="patch_fit 'cosine'"):
+        fit_seams(model, [3, 4], calib, fit="cosine")
+
+
+def test_patch_windows_cover_16_tokens_per_dimension_unless_given():
+    assert patch_windows(10, 128, 576) == 72  # SmolLM2: 9216 tokens
+    assert patch_windows(10, 128, 4096) == 512  # a 7B Llama
+    assert patch_windows(200, 128, 576) == 200  # never fewer than the criteria's windows
+    assert patch_windows(10, 128, 576, samples=3) == 3

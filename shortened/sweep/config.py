@@ -216,6 +216,12 @@ class SweepConfig(BaseModel):
     fitted on the calibration set and fused into the kept block before each removed run; shortened.seam_patch)."""
     patch_ridge: float = Field(0.0, ge=0, allow_inf_nan=False)
     """Ridge term of the linear seam patch's fit, relative to the mean diagonal of MᵀM (0: plain least squares)."""
+    patch_fit: Literal["relative", "lstsq"] = "relative"
+    """Token weighting of the linear seam patch's fit: relative (each token's error relative to its target's norm,
+    so the few massive-activation tokens do not dominate) or lstsq (plain least squares)."""
+    patch_samples: int | None = Field(None, ge=1, le=1_000_000)
+    """Calibration windows (of calibration.seq_len tokens) the seam patch is fitted on; None: enough for 16 tokens
+    per hidden dimension, at least calibration.n_samples."""
     search: Literal["grid", "bisect"] = "grid"
     """grid: every criterion × amount × method; bisect: the largest block count that meets the selection."""
     keep_first: int = Field(KEEP_FIRST, ge=0)

@@ -227,13 +227,15 @@ def prune_stage(cfg: SweepConfig, spec: TrialSpec, scores_file: str, out: str) -
     windows = None
     if spec.patch != "none":  # the seam patch is fitted on the dense model's activations on the calibration set
         from shortened.data.calibration import calibration_windows
+        from shortened.seam_patch import patch_calibration
 
-        windows = calibration_windows(tokenizer, cfg.calibration)
+        windows = calibration_windows(tokenizer, patch_calibration(model, cfg.calibration, cfg.patch_samples))
     result = prune_and_save(model, scores, n, out, tokenizer,
                             keep_first=cfg.keep_first, keep_last=cfg.keep_last, ratio_requested=spec.ratio,
                             model_name=cfg.model, overwrite=True, save_dtype=cfg.save_dtype, source=cfg.model,
                             gguf_file=cfg.gguf_file,  # saved in the source's dtype by default
-                            patch=spec.patch, calibration=windows, patch_ridge=cfg.patch_ridge)
+                            patch=spec.patch, calibration=windows, patch_ridge=cfg.patch_ridge,
+                            patch_fit=cfg.patch_fit)
     return result.report
 
 
