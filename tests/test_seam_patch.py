@@ -215,3 +215,15 @@ def test_patch_windows_cover_16_tokens_per_dimension_unless_given():
     assert patch_windows(10, 128, 4096) == 512  # a 7B Llama
     assert patch_windows(200, 128, 576) == 200  # never fewer than the criteria's windows
     assert patch_windows(10, 128, 576, samples=3) == 3
+
+
+def test_report_draws_patched_trials_on_their_own_line():
+    from shortened.sweep.report import _series
+
+    def trial(key, ratio, ppl):
+        return {"key": key, "criterion": "ppl", "method": "cpt", "ratio_actual": ratio, "status": "completed",
+                "metrics": [{"name": "ppl", "dataset": "wikitext2", "value": ppl, "protocol": "paper-128"}]}
+
+    lines = _series([trial("ppl-r0.2-cpt", 0.2, 150.0), trial("ppl-r0.2+linear-cpt", 0.2, 140.0),
+                     trial("ppl-r0.35+linear-cpt", 0.35, 400.0), trial("ppl-r0.35-cpt", 0.35, 800.0)], "ppl")
+    assert lines == {"ppl / cpt": [(0.2, 150.0), (0.35, 800.0)], "ppl+linear / cpt": [(0.2, 140.0), (0.35, 400.0)]}

@@ -12,7 +12,7 @@ from shortened.io import write_text_atomic
 from shortened.sweep.layout import ExperimentLayout
 from shortened.sweep.selection import Choice, metric_value, pareto_front
 from shortened.sweep.store import ResultsStore
-from shortened.sweep.trial import DENSE
+from shortened.sweep.trial import DENSE, patch_of_key
 
 
 def open_experiment(ref: str, store_url: str | None = None, storage_path: str = "runs",
@@ -90,12 +90,15 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _series(trials: list[dict], metric: str) -> dict[str, list[tuple[float, float]]]:
-    """(ratio, value) points per criterion/method line, sorted by ratio."""
+    """(ratio, value) points per criterion/method line (a seam-patched trial on its own line, ``ppl+linear /
+    cpt``), sorted by ratio."""
     lines: dict[str, list[tuple[float, float]]] = {}
     for t in trials:
         v = metric_value(t, metric)
         if t["key"] != DENSE and v is not None and t["status"] == "completed":
-            lines.setdefault(f"{t['criterion']} / {t['method']}", []).append((t["ratio_actual"], v))
+            patch = patch_of_key(t["key"])
+            criterion = t["criterion"] if patch == "none" else f"{t['criterion']}+{patch}"
+            lines.setdefault(f"{criterion} / {t['method']}", []).append((t["ratio_actual"], v))
     return {k: sorted(v) for k, v in sorted(lines.items())}
 
 

@@ -59,6 +59,13 @@ class TrialSpec(BaseModel):
         return self.key
 
 
+def patch_of_key(key: str) -> str:
+    """The seam patch a trial key names (``ppl-r0.2+linear-cpt`` → ``linear``; ``none`` for unpatched keys)."""
+    from shortened.seam_patch import PATCHES
+
+    return next((p for p in PATCHES if p != "none" and f"+{p}-" in key), "none")
+
+
 def grid_specs(cfg: SweepConfig) -> list[TrialSpec]:
     """The dense baseline, then criteria × amounts × patches × methods in a stable order."""
     specs = [TrialSpec(method=DENSE)]
