@@ -65,6 +65,10 @@ class Seam:
     fit: str = "relative"
     fit_residual: float | None = None  # Σ‖Y + M·T − L‖² / Σ‖L‖² on the calibration tokens (unweighted)
     residual_before: float | None = None  # Σ‖Y + M − L‖² / Σ‖L‖²: the seam without the patch
+    # the same per token, averaged: mean_t ‖Y_t + M_t·T − L_t‖² / ‖L_t‖² (what the relative fit minimizes; the sums
+    # above are dominated by the few massive-activation tokens)
+    token_fit_residual: float | None = None
+    token_residual_before: float | None = None
     skipped: str | None = None  # why this run has no patch (it starts at block 0)
 
     def to_json(self) -> dict:
@@ -72,7 +76,8 @@ class Seam:
         if self.skipped:
             return {**out, "skipped": self.skipped}
         return {**out, "module": self.down_name, "fit": self.fit, "calibration_tokens": self.calibration_tokens,
-                "fit_residual": self.fit_residual, "residual_before": self.residual_before}
+                "fit_residual": self.fit_residual, "residual_before": self.residual_before,
+                "token_fit_residual": self.token_fit_residual, "token_residual_before": self.token_residual_before}
 
 
 @dataclass
@@ -86,6 +91,8 @@ class _Stats:
     rr: float = 0.0  # Σ ‖L − Y‖²
     ll: float = 0.0  # Σ ‖L‖²
     before: float = 0.0  # Σ ‖Y + M − L‖²
+    rr_w: float = 0.0  # Σ ‖L − Y‖² / ‖L‖²
+    before_w: float = 0.0  # Σ ‖Y + M − L‖² / ‖L‖²
     tokens: int = 0
     captured: dict = field(default_factory=dict)
 
@@ -293,10 +300,11 @@ def fit_seams(model: PreTrainedModel, removed: list[int], calibration: torch.Ten
                                                        for _ in range(4)))
                     st.mtm_plain += m.T @ m
                     st.mtr_plain += m.T @ r
-                    if fit == "relative":
-                        w2 = 1.0 / (l_ * l_).sum(dim=1, keepdim=True).clamp_min(1e-12)  # w_t² = 1/‖L_t‖²
-                        st.mtm += (m * w2).T @ m
-                        st.mtr += (m * w2).T @ r
+                    w2 = 1.0 / (l_ * l_).sum(dim=1, keepdim=True).clamp_min(1e-12)  # w_t² = 1/‖L_t‖²
+                    st.mtm += (m * w2).T @ m
+                    st.mtr += (m * w2).T @ r
+                    st.rr_w += float((r * r * w2).sum())
+                    st.before_w += float(((h - l_) ** 2 * w2).sum())
                     st.rr += float((r * r).sum())
                     st.ll += float((l_ * l_).sum())
                     st.before += float(((h - l_) ** 2).sum())
@@ -315,6 +323,10 @@ def fit_seams(model: PreTrainedModel, removed: list[int], calibration: torch.Ten
         # the unweighted ‖M·T − R‖² = tr(Tᵀ·MᵀM·T) − 2·tr(Tᵀ·MᵀR) + ‖R‖²
         mtm, mtr = st.mtm_plain.cpu(), st.mtr_plain.cpu()
         residual = float((t * (mtm @ t)).sum() - 2 * (t * mtr).sum() + st.rr)
+        mtm_w, mtr_w = st.mtm.cpu(), st.mtr.cpu()
+        residual_w = float((t * (mtm_w @ t)).sum() - 2 * (t * mtr_w).sum() + st.rr_w)
+        s.token_fit_residual = max(residual_w, 0.0) / st.tokens
+        s.token_residual_before = st.before_w / st.tokens
         s.transform = t
         s.fit = fit
         s.calibration_tokens = st.tokens

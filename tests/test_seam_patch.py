@@ -82,6 +82,12 @@ def test_patched_seam_is_closer_to_the_removed_blocks_output_and_recorded(tmp_pa
     assert patched_err < unpatched_err
     assert patched_err == pytest.approx(first["fit_residual"], rel=1e-3)
     assert unpatched_err == pytest.approx(first["residual_before"], rel=1e-3)
+    # per token: mean_t ‖h_t − L_t‖² / ‖L_t‖², what the default relative fit minimizes
+    tok_err = lambda h: float((((h.double() - l_dense.double()) ** 2).sum(-1)  # noqa: E731
+                               / (l_dense.double() ** 2).sum(-1)).mean())
+    assert tok_err(_hidden_after(dense, calib, 2)) == pytest.approx(first["token_fit_residual"], rel=1e-3)
+    assert tok_err(_hidden_after(unpatched, calib, 2)) == pytest.approx(first["token_residual_before"], rel=1e-3)
+    assert first["token_fit_residual"] < first["token_residual_before"]
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "qwen2"])
