@@ -336,8 +336,8 @@ def fit_seams(model: PreTrainedModel, removed: list[int], calibration: torch.Ten
     tokens, d = active[0].calibration_tokens, active[0].transform.shape[0]
     if ridge == 0 and tokens < MIN_TOKENS_PER_DIM * d:
         log.warning("the seam patch fits a %d×%d map on %d calibration tokens (fewer than %d): it may overfit and "
-                    "make the model worse; use more calibration windows (calibration.n_samples × seq_len ≥ %d) "
-                    "or a ridge (patch_ridge, e.g. 0.01)", d, d, tokens, MIN_TOKENS_PER_DIM * d,
+                    "make the model worse; use more calibration windows (patch_samples × calibration.seq_len ≥ %d; "
+                    "unset, patch_samples draws that many) or a ridge (patch_ridge, e.g. 0.01)", d, d, tokens, MIN_TOKENS_PER_DIM * d,
                     MIN_TOKENS_PER_DIM * d)
     return found
 
