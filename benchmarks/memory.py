@@ -2,7 +2,7 @@
 
 The model of issue 19: a random Llama (hidden 1024, 16 blocks, MLP 4096, 16 heads / 4 KV heads, tied embeddings,
 SmolLM2's tokenizer and vocabulary; ~294M parameters, one fp32 copy 1.17 GB), saved to a temporary folder. Each
-configuration is a CPT retraining through the real ``retrain`` (Ray Train workers, DeepSpeed, fp32 on CPU, a few
+configuration is a CPT retraining through the real ``retrain`` (Ray Train workers, DeepSpeed, fp32 or bf16 on CPU, a few
 steps of short sequences, a checkpoint and the export at the end); a worker's peak resident memory is its
 process's ``getrusage`` maximum, which every rank reports into ``retraining.json`` (``peak_rss_mb``). Beside it:
 the analytical model-state footprint (16 bytes x parameters / workers: weights, gradients and AdamW's two moments in
@@ -10,7 +10,7 @@ fp32) and an idle worker's peak (a Ray Train worker that imports the same librar
 
 Goal: ZeRO-3 with 2 workers <= 0.6 x ZeRO-3 with 1 worker, and <= 1.5 x (footprint + idle worker).
 
-    python benchmarks/memory.py [--steps 3] [--seq-len 128] [--configs zero3-1,zero3-2,zero0-1]
+    python benchmarks/memory.py [--steps 3] [--seq-len 128] [--configs zero3-1,zero3-2,zero0-1] [--precision bf16]
 
 Runs one configuration at a time (the 2-worker run holds two workers at once); about 10 minutes on 2 cores.
 """
@@ -79,7 +79,8 @@ def idle_rss_mb(work: Path) -> float:
     return json.loads(out.read_text())
 
 
-def retrain_peaks(model_dir: Path, work: Path, zero_stage: int, workers: int, steps: int, seq_len: int) -> dict:
+def retrain_peaks(model_dir: Path, work: Path, zero_stage: int, workers: int, steps: int, seq_len: int,
+                  precision: str = "fp32") -> dict:
     """One CPT retraining; every worker's peak RSS (MiB) and the wall time."""
     from shortened.cluster import ScaleConfig
     from shortened.data import DataConfig
@@ -87,6 +88,7 @@ def retrain_peaks(model_dir: Path, work: Path, zero_stage: int, workers: int, st
     from shortened.training.retrain import retrain
 
     cfg = TrainConfig(method="cpt", zero_stage=zero_stage, micro_batch_size=1, data=DataConfig(seq_len=seq_len),
+                      precision=precision,
                       train_tokens=steps * seq_len * workers, report_every_steps=steps, checkpoint_every_tokens=None,
                       keep_checkpoints=1)
     name = f"zero{zero_stage}-{workers}"
@@ -108,6 +110,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--configs", default="zero3-1,zero3-2,zero0-1", help="zeroSTAGE-WORKERS, comma-separated")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="training precision (bf16: 16-bit weights and gradients with fp32 master weights and AdamW "
+                         "state, the 16 bytes per parameter of the footprint; ~7x slower than fp32 on these CPUs)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     import ray
@@ -121,7 +126,8 @@ def main() -> None:
         for spec in args.configs.split(","):
             stage, workers = (int(x) for x in spec.removeprefix("zero").split("-"))
             runs[spec] = {"zero_stage": stage, "workers": workers,
-                          **retrain_peaks(work / "model", work, stage, workers, args.steps, args.seq_len)}
+                          **retrain_peaks(work / "model", work, stage, workers, args.steps, args.seq_len,
+                                          args.precision)}
             print(f"{spec}: peak RSS per worker {[round(m / 1024, 2) for m in runs[spec]['peak_rss_mb']]} GiB "
                   f"({runs[spec]['seconds']:.0f} s)", flush=True)
     finally:
@@ -141,8 +147,8 @@ def main() -> None:
                       f"{r['seconds']:.0f}"])
     from benchmarks_support import print_table
 
-    print(f"\n{params / 1e6:.1f}M parameters; CPT, {args.steps} steps of 1 x {args.seq_len} tokens per worker, fp32 "
-          f"on CPU, checkpoint and export at the end\n")
+    print(f"\n{params / 1e6:.1f}M parameters; CPT, {args.steps} steps of 1 x {args.seq_len} tokens per worker, "
+          f"{args.precision} on CPU, checkpoint and export at the end\n")
     print_table(["ZeRO", "workers", "peak RSS per worker (GiB)", "footprint 16 B x params / workers (GiB)",
                  "idle worker (GiB)", "peak / (footprint + idle)", "seconds"], table)
     goals = {}
@@ -155,7 +161,7 @@ def main() -> None:
               f"idle): {goals['two_over_footprint_plus_idle']:.2f} (goal <= 1.5): "
               f"{'met' if goals['met'] else 'NOT met'}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "memory.json"
+    out = RESULTS / ("memory.json" if args.precision == "fp32" else f"memory-{args.precision}.json")
     out.write_text(json.dumps({"params": params, "arch": ARCH, "idle_worker_mb": idle, "runs": rows, "goals": goals,
                                "args": vars(args), "machine": {"cpus": psutil.cpu_count(),
                                                                "memory_gib": psutil.virtual_memory().total / GIB,
