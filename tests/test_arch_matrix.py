@@ -5,9 +5,12 @@ ShortenedError. Zero silent mismatches (issue 16)."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import tempfile
 import warnings
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -83,15 +86,23 @@ def _prune_and_compare(model, out: str) -> tuple[str, str]:
     return "exact", ""
 
 
-def test_every_causal_lm_architecture_prunes_exactly_or_refuses(capsys):
+def _row(model_type: str) -> tuple[str, str]:
+    """One architecture's row, in a worker process (a crash is reported as a row, then fails the test)."""
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    rows = {}
-    for model_type in model_types():
-        try:
-            rows[model_type] = prune_one(model_type)
-        except Exception as exc:  # noqa: BLE001 — a crash is reported as a row, then fails the test below
-            rows[model_type] = ("CRASH", f"{type(exc).__name__}: {str(exc)[:160]}")
+    try:
+        return prune_one(model_type)
+    except Exception as exc:  # noqa: BLE001
+        return "CRASH", f"{type(exc).__name__}: {str(exc)[:160]}"
+
+
+def test_every_causal_lm_architecture_prunes_exactly_or_refuses(capsys):
+    # one process per core (each single-threaded, OMP_NUM_THREADS=1 from conftest): the rows are independent and
+    # mostly Python overhead, so two processes halve the test's ~5-10 min on a 2-core machine
+    types = model_types()
+    with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        rows = dict(zip(types, pool.map(_row, types, chunksize=2)))
     counts = Counter(kind for kind, _ in rows.values())
     with capsys.disabled():
         print(f"\narchitecture matrix ({len(rows)} causal-LM config classes): {dict(counts)}")
