@@ -235,6 +235,17 @@ def check_positions(model, length: int, what: str) -> None:
                              "(its max_position_embeddings)")
 
 
+def check_token_ids(model, tokens: torch.Tensor, what: str) -> None:
+    """Refuse token ids the model has no embedding for (a tokenizer that does not match the model), before any
+    forward, which would fail with a bare ``IndexError`` deep in the embedding (``what`` names the text:
+    ``calibration windows of --patch linear``)."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    top = int(tokens.max()) if tokens.numel() else -1
+    if top >= rows:
+        raise ShortenedError(f"{what}: token id {top}, but the model embeds only {rows} ids (vocab_size); the "
+                             "tokenizer does not match the model")
+
+
 def count_params(module: torch.nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())

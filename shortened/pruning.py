@@ -205,7 +205,7 @@ class PruneResult:
 def prune(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_first: int = KEEP_FIRST,
           keep_last: int = KEEP_LAST, ratio_requested: float | None = None, model_name: str = "",
           patch: str = "none", calibration: torch.Tensor | None = None, patch_ridge: float = 0.0,
-          patch_fit: str = "relative", batch_size: int = 1) -> PruneResult:
+          patch_fit: str = "relative", patch_calibration: dict | None = None, batch_size: int = 1) -> PruneResult:
     """Remove the blocks the criterion selects (in place) and describe what was done.
 
     With ``ratio_requested`` the criterion chooses under a parameter budget (``ratio_requested`` of the model's
@@ -216,7 +216,8 @@ def prune(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_fi
 
     ``patch="linear"``: the training-free seam patch (:mod:`shortened.seam_patch`), fitted on the dense model's
     activations on ``calibration`` (token ids ``(n_samples, seq_len)``, forwarded ``batch_size`` at a time; relative
-    ridge ``patch_ridge``; token weighting ``patch_fit``, ``relative`` or ``lstsq``) before the blocks are removed, then fused into the kept block before each removed run;
+    ridge ``patch_ridge``; token weighting ``patch_fit``, ``relative`` or ``lstsq``; ``patch_calibration``, what
+    the report records of that set) before the blocks are removed, then fused into the kept block before each removed run;
     the report records it under ``patch``. :class:`ShortenedError` for an unknown ``patch``, missing calibration,
     or an architecture the patch cannot be fused into exactly (raised before the model is changed).
     """
@@ -274,7 +275,7 @@ def prune(model: PreTrainedModel, scores: BlockScores, n_remove: int, *, keep_fi
     if found is not None:
         for seam in found:
             fuse(seam)
-        report["patch"] = patch_report(found, patch_ridge, patch_fit)
+        report["patch"] = patch_report(found, patch_ridge, patch_fit, patch_calibration)
     return PruneResult(model, report)
 
 
@@ -311,18 +312,21 @@ def prune_and_save(model: PreTrainedModel, scores: BlockScores, n_remove: int, o
                    keep_last: int = KEEP_LAST, ratio_requested: float | None = None, model_name: str = "",
                    overwrite: bool = False, save_dtype: str = "auto", source=None,
                    gguf_file: str | None = None, patch: str = "none", calibration: torch.Tensor | None = None,
-                   patch_ridge: float = 0.0, patch_fit: str = "relative", batch_size: int = 1) -> PruneResult:
+                   patch_ridge: float = 0.0, patch_fit: str = "relative", patch_calibration: dict | None = None,
+                   batch_size: int = 1) -> PruneResult:
     """:func:`prune` the model (in place) and :func:`save_pruned` it to ``out``, weights in
     :func:`shortened.io.resolve_save_dtype` of ``save_dtype`` (``auto``: the dtype of ``source``/``gguf_file``, the
     model that was loaded); the one pruning path of ``shortened prune`` and a sweep's prune stage. Returns the
     :class:`PruneResult`, its ``path`` the published folder.
 
-    ``patch``, ``calibration``, ``patch_ridge``, ``patch_fit``, ``batch_size``: the seam patch, as in :func:`prune`."""
+    ``patch``, ``calibration``, ``patch_ridge``, ``patch_fit``, ``patch_calibration``, ``batch_size``: the seam
+    patch, as in :func:`prune`."""
     from shortened.io import resolve_save_dtype
 
     result = prune(model, scores, n_remove, keep_first=keep_first, keep_last=keep_last,
                    ratio_requested=ratio_requested, model_name=model_name, patch=patch, calibration=calibration,
-                   patch_ridge=patch_ridge, patch_fit=patch_fit, batch_size=batch_size)
+                   patch_ridge=patch_ridge, patch_fit=patch_fit, patch_calibration=patch_calibration,
+                   batch_size=batch_size)
     result.path = save_pruned(result, out, tokenizer, overwrite=overwrite,
                               dtype=resolve_save_dtype(save_dtype, source, gguf_file))
     return result

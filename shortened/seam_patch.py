@@ -261,6 +261,9 @@ def fit_seams(model: PreTrainedModel, removed: list[int], calibration: torch.Ten
         raise ShortenedError(f"batch_size {batch_size} must be >= 1")
     if fit not in FITS:
         raise ShortenedError(f"patch_fit {fit!r}: choose one of {', '.join(FITS)}")
+    from shortened.models import check_token_ids
+
+    check_token_ids(model, calibration, "the seam patch's calibration windows")
     found = seams(removed)
     active = [s for s in found if s.skipped is None]
     if not active:
@@ -371,6 +374,8 @@ def apply_unfused(seam: Seam) -> torch.utils.hooks.RemovableHandle:
     return seam.down.register_forward_hook(hook)
 
 
-def patch_report(found: list[Seam], ridge: float, fit: str = "relative") -> dict:
-    """What ``pruning.json`` records under ``patch``."""
-    return {"method": "linear", "fit": fit, "ridge": ridge, "seams": [s.to_json() for s in found]}
+def patch_report(found: list[Seam], ridge: float, fit: str = "relative", calibration: dict | None = None) -> dict:
+    """What ``pruning.json`` records under ``patch`` (``calibration``: the fit's calibration set,
+    :func:`shortened.data.calibration.describe`, where the caller knows it)."""
+    return {"method": "linear", "fit": fit, "ridge": ridge, **({"calibration": calibration} if calibration else {}),
+            "seams": [s.to_json() for s in found]}

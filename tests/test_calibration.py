@@ -71,3 +71,7 @@ def test_bad_sources(tmp_path, smollm2_tokenizer):
     (tmp_path / "small.txt").write_text("too short")
     with pytest.raises(ShortenedError, match="fewer than n_samples × seq_len = 1280"):
         calibration_windows(smollm2_tokenizer, CalibrationConfig(source=str(tmp_path / "small.txt")))
+    # the seam patch sizes its own set: the error names the option that asked for it
+    with pytest.raises(ShortenedError, match="fewer than --patch_samples × seq_len = 1280"):
+        calibration_windows(smollm2_tokenizer, CalibrationConfig(source=str(tmp_path / "small.txt")),
+                            what="--patch_samples")

@@ -135,6 +135,9 @@ def test_cli_prune_patch_linear_round_trip(tiny_llama_dir, tmp_path, capsys):
     assert sum(len(s["removed"]) for s in report["patch"]["seams"]) == 2
     # no --patch-samples: the patch is fitted on 16 tokens per hidden dimension, not on the criteria's 4 windows
     d = AutoModelForCausalLM.from_pretrained(out).config.hidden_size
+    calib = report["patch"]["calibration"]  # the patch's own set, reproducible: source, windows, seed, hash
+    assert calib["n_samples"] == 16 * d // 32 and calib["seq_len"] == 32 and calib["num_tokens"] == 16 * d
+    assert calib["resolved_source"] and len(calib["sha256"]) == 64
     assert all(s["calibration_tokens"] == 16 * d and s["fit_residual"] < s["residual_before"]
                for s in report["patch"]["seams"])
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == LAYERS - 2
@@ -169,6 +172,7 @@ def test_sweep_patch_axis_keys_and_prune_stage(tiny_llama_dir, tmp_path):
                          str(tmp_path / "pruned"))
     assert report["patch"]["seams"] and report["patch"]["seams"][0]["calibration_tokens"] == 6 * 32
     assert report["patch"]["fit"] == "lstsq" and report["patch"]["seams"][0]["fit"] == "lstsq"
+    assert report["patch"]["calibration"]["n_samples"] == 6 and report["patch"]["calibration"]["seq_len"] == 32
     assert json.loads((tmp_path / "pruned" / PRUNING_JSON).read_text())["patch"] == report["patch"]
 
 
@@ -214,6 +218,12 @@ def test_relative_fit_is_the_token_weighted_least_squares_and_lstsq_the_plain_on
     assert (want["relative"] - want["lstsq"]).abs().max() > 1e-3  # the weighting matters on real activations
     with pytest.raises(ShortenedError, match="patch_fit 'cosine'"):
         fit_seams(model, [3, 4], calib, fit="cosine")
+    # a tokenizer larger than the model's vocabulary: named, not an IndexError inside the embedding
+    too_big = calib.clone()
+    too_big[0, 0] = model.config.vocab_size
+    with pytest.raises(ShortenedError, match=rf"token id {model.config.vocab_size}, but the model embeds only "
+                                             rf"{model.config.vocab_size} ids.*tokenizer does not match"):
+        fit_seams(model, [3, 4], too_big)
 
 
 def test_patch_windows_cover_16_tokens_per_dimension_unless_given():

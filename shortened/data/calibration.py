@@ -61,8 +61,11 @@ class CalibrationConfig(BaseModel):
                           seq_len=self.seq_len, epochs=1)
 
 
-def calibration_windows(tokenizer: PreTrainedTokenizerBase, cfg: CalibrationConfig) -> torch.Tensor:
-    """Tokenize documents (EOS after each) until the pool is full, then draw non-overlapping seeded windows."""
+def calibration_windows(tokenizer: PreTrainedTokenizerBase, cfg: CalibrationConfig, *,
+                        what: str | None = None) -> torch.Tensor:
+    """Tokenize documents (EOS after each) until the pool is full, then draw non-overlapping seeded windows.
+    ``what``: the option that set the number of windows, named in the error when the source is too short
+    (default: n_samples)."""
     need = cfg.n_samples * cfg.seq_len
     pool_tokens = need * cfg.pool_factor
     data = cfg.data_config()
@@ -74,7 +77,7 @@ def calibration_windows(tokenizer: PreTrainedTokenizerBase, cfg: CalibrationConf
     n_windows = len(stream) // cfg.seq_len
     if n_windows < cfg.n_samples:
         raise ShortenedError(f"calibration source {cfg.source!r} has {len(stream)} tokens, fewer than "
-                             f"n_samples × seq_len = {need}")
+                             f"{what or 'n_samples'} × seq_len = {need}")
     rng = np.random.default_rng(cfg.seed)
     starts = np.sort(rng.choice(n_windows, size=cfg.n_samples, replace=False)) * cfg.seq_len
     return torch.tensor(np.array([stream[s:s + cfg.seq_len] for s in starts]), dtype=torch.long)
