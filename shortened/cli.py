@@ -407,6 +407,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     _check_common(args)
     check_output(args.out, kind="dir", overwrite=args.overwrite, flag="--out", create=False)
+    unused = [args.typed.flag(d) for d in ("patch_fit", "patch_samples", "patch_ridge") if args.typed.given(d)]
+    if args.patch == "none" and unused:
+        raise ShortenedError(f"{', '.join(unused)} set the seam patch's fit, but --patch is none: add --patch linear "
+                             "or drop them")
     _source(args)
     saved = BlockScores.load(args.scores) if args.scores else None
     needs_text = saved is None and args.criterion not in DATA_FREE

@@ -144,6 +144,11 @@ def test_cli_prune_patch_linear_round_trip(tiny_llama_dir, tmp_path, capsys):
     assert main(["prune", "--model", str(tiny_llama_dir), "--criterion", "magnitude", "--blocks", "2",
                  "--patch", "cubic", "--out", str(tmp_path / "bad")]) == 2
     assert "--patch" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # a fit option without the patch is a forgotten --patch linear, refused before the model loads
+    assert main(["prune", "--model", str(tiny_llama_dir), "--criterion", "magnitude", "--blocks", "2",
+                 "--patch_fit", "lstsq", "--out", str(tmp_path / "bad")]) == 2
+    assert "--patch_fit set the seam patch's fit, but --patch is none" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_sweep_patch_axis_keys_and_prune_stage(tiny_llama_dir, tmp_path):
