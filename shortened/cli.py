@@ -429,15 +429,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         scores = _scores_for(args, model, n_remove, tokenizer)
     windows = patch_info = None
     if patch_cfg is not None:  # the seam patch reads the dense model's activations on the calibration set
-        from shortened.data.calibration import calibration_windows, describe
         from shortened.models import check_positions
-
         from shortened.seam_patch import patch_calibration
 
         check_positions(model, patch_cfg.seq_len, args.typed.flag("calibration.seq_len"))
-        patch_cfg = patch_calibration(model, patch_cfg, args.patch_samples)
-        windows = calibration_windows(tokenizer, patch_cfg, what="--patch_samples" if args.patch_samples else None)
-        patch_info = describe(patch_cfg, windows)
+        windows, patch_info = patch_calibration(model, tokenizer, patch_cfg, args.patch_samples,
+                                                option="--patch_samples")
     result = prune_and_save(model, scores, n_remove, args.out, tokenizer, keep_first=args.keep_first,
                             keep_last=args.keep_last, ratio_requested=args.ratio,
                             model_name=_recorded_model(args.model), overwrite=args.overwrite,

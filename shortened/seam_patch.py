@@ -235,13 +235,25 @@ def _parents(block: nn.Module, name: str) -> list[nn.Module]:
     return [block.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
 
 
-def patch_calibration(model: PreTrainedModel, calibration, samples: int | None = None):
-    """The calibration config (:class:`shortened.data.calibration.CalibrationConfig`) the seam patch is fitted on:
-    ``calibration`` with ``n_samples`` from :func:`patch_windows` (the residual stream's width ``d`` is the input
-    embedding's)."""
+def patch_calibration(model: PreTrainedModel, tokenizer, calibration, samples: int | None = None, *,
+                      option: str = "patch_samples") -> tuple[torch.Tensor, dict]:
+    """The token windows the seam patch is fitted on, ``(n, seq_len)``, and what ``pruning.json`` records of them
+    (:func:`shortened.data.calibration.describe`): ``calibration`` (a ``CalibrationConfig``) with ``n`` from
+    :func:`patch_windows` (the residual stream's width ``d`` is the input embedding's). ``option`` names
+    ``samples`` in the error for a source too short for them."""
+    from shortened.data.calibration import calibration_windows, describe
+
     d = model.get_input_embeddings().weight.shape[-1]
-    n = patch_windows(calibration.n_samples, calibration.seq_len, d, samples)
-    return calibration.model_copy(update={"n_samples": n})
+    cfg = calibration.model_copy(update={"n_samples": patch_windows(calibration.n_samples, calibration.seq_len, d,
+                                                                    samples)})
+    windows = calibration_windows(tokenizer, cfg, what=option if samples else None)
+    return windows, describe(cfg, windows)
+
+
+def _residual(t: torch.Tensor, mtm: torch.Tensor, mtr: torch.Tensor, rr: float) -> float:
+    """``‖M·T − R‖²`` from the normal equations: ``tr(Tᵀ·MᵀM·T) − 2·tr(Tᵀ·MᵀR) + ‖R‖²`` (weighted sums give the
+    weighted residual), clipped at 0 against rounding."""
+    return max(float((t * (mtm.cpu() @ t)).sum() - 2 * (t * mtr.cpu()).sum() + rr), 0.0)
 
 
 def fit_seams(model: PreTrainedModel, removed: list[int], calibration: torch.Tensor, *, ridge: float = 0.0,
@@ -323,18 +335,13 @@ def fit_seams(model: PreTrainedModel, removed: list[int], calibration: torch.Ten
         if ridge > 0:
             a = a + ridge * torch.trace(a) / d * torch.eye(d, dtype=a.dtype)
         t = torch.linalg.lstsq(a, b, driver="gelsd").solution  # handles a rank-deficient MᵀM (few tokens)
-        # the unweighted ‖M·T − R‖² = tr(Tᵀ·MᵀM·T) − 2·tr(Tᵀ·MᵀR) + ‖R‖²
-        mtm, mtr = st.mtm_plain.cpu(), st.mtr_plain.cpu()
-        residual = float((t * (mtm @ t)).sum() - 2 * (t * mtr).sum() + st.rr)
-        mtm_w, mtr_w = st.mtm.cpu(), st.mtr.cpu()
-        residual_w = float((t * (mtm_w @ t)).sum() - 2 * (t * mtr_w).sum() + st.rr_w)
-        s.token_fit_residual = max(residual_w, 0.0) / st.tokens
+        s.token_fit_residual = _residual(t, st.mtm, st.mtr, st.rr_w) / st.tokens
         s.token_residual_before = st.before_w / st.tokens
         s.transform = t
         s.fit = fit
         s.calibration_tokens = st.tokens
         scale = st.ll if st.ll > 0 else 1.0
-        s.fit_residual = max(residual, 0.0) / scale
+        s.fit_residual = _residual(t, st.mtm_plain, st.mtr_plain, st.rr) / scale
         s.residual_before = st.before / scale
     tokens, d = active[0].calibration_tokens, active[0].transform.shape[0]
     if ridge == 0 and tokens < MIN_TOKENS_PER_DIM * d:

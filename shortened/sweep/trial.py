@@ -233,12 +233,9 @@ def prune_stage(cfg: SweepConfig, spec: TrialSpec, scores_file: str, out: str) -
     tokenizer = load_tokenizer(cfg.model, gguf_file=cfg.gguf_file)
     windows = patch_info = None
     if spec.patch != "none":  # the seam patch is fitted on the dense model's activations on the calibration set
-        from shortened.data.calibration import calibration_windows, describe
         from shortened.seam_patch import patch_calibration
 
-        patch_cfg = patch_calibration(model, cfg.calibration, cfg.patch_samples)
-        windows = calibration_windows(tokenizer, patch_cfg, what="patch_samples" if cfg.patch_samples else None)
-        patch_info = describe(patch_cfg, windows)
+        windows, patch_info = patch_calibration(model, tokenizer, cfg.calibration, cfg.patch_samples)
     result = prune_and_save(model, scores, n, out, tokenizer,
                             keep_first=cfg.keep_first, keep_last=cfg.keep_last, ratio_requested=spec.ratio,
                             model_name=cfg.model, overwrite=True, save_dtype=cfg.save_dtype, source=cfg.model,
