@@ -374,6 +374,22 @@ def test_chunked_kl_of_a_batch_without_targets_is_zero():
 
 # -- ZeRO stage per method ----------------------------------------------------------------------------------------
 
+def test_zero_buckets_follow_the_model_width():
+    """DeepSpeed's GPU-sized defaults (5·10⁸ gradient elements, 10⁹ live parameters, one optimizer sub-group of
+    10⁹) are each a full extra copy of a smaller model per rank: they are sized from the hidden size instead."""
+    from shortened.training.deepspeed_config import deepspeed_config
+
+    h = 1024
+    z3 = deepspeed_config(cfg(zero_stage=3), 2, "bf16", hidden_size=h)["zero_optimization"]
+    assert z3 == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True, "reduce_bucket_size": h * h,
+                  "stage3_prefetch_bucket_size": int(0.9 * h * h), "stage3_param_persistence_threshold": 10 * h,
+                  "stage3_max_live_parameters": 10 * h * h, "stage3_max_reuse_distance": 10 * h * h,
+                  "sub_group_size": 10 * h * h}
+    assert deepspeed_config(cfg(zero_stage=2), 2, "bf16", hidden_size=h)["zero_optimization"] == {
+        "stage": 2, "reduce_bucket_size": h * h}  # the stage-3 keys only under ZeRO-3
+    assert deepspeed_config(cfg(zero_stage=0), 2, "bf16", hidden_size=h)["zero_optimization"] == {"stage": 0}
+
+
 def test_each_phase_gets_its_methods_zero_stage(caplog, tmp_path):
     from shortened.training.deepspeed_config import deepspeed_config
     from shortened.training.retrain import phases_for

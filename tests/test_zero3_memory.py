@@ -92,6 +92,8 @@ def test_zero3_partitions_at_load_and_exports_the_zero0_weights(tiny_llama_dir, 
     r3 = json.loads((z3 / "retraining.json").read_text())
     assert r3["zero_stage"] == 3 and len(r3["phases"][0]["peak_rss_mb"]) == WORLD
     assert all(m > 100 for m in r3["phases"][0]["peak_rss_mb"])
+    assert r3["phases"][0]["malloc_mmap_threshold"] == 128 * 1024  # set by mallopt in processes Ray did not start
+    assert json.loads((z0 / "retraining.json").read_text())["phases"][0]["malloc_mmap_threshold"] is None
     assert json.loads((z3 / "config.json").read_text())["dtype"] == "float32"
 
 

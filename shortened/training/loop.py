@@ -28,7 +28,7 @@ from shortened.errors import ShortenedError
 from shortened.training.audit import log_tokens, token_log_path
 from shortened.training.checkpoint import Staging, TrainerState, load_checkpoint, save_checkpoint, staging_for
 from shortened.training.config import TrainConfig
-from shortened.training.deepspeed_config import deepspeed_config, resolve_precision
+from shortened.training.deepspeed_config import deepspeed_config, phase_mmap_threshold, resolve_precision
 from shortened.training.distill import distill_loss
 from shortened.training.export import export
 from shortened.training.faults import maybe_fail
@@ -78,10 +78,11 @@ def run(phase: Phase, session: Session) -> dict:
     with another worker count trains the same steps on the same sequences."""
     phase = phase.model_copy(update={"train": _split_for(phase.train, session.world_size)})
     cfg = phase.train
-    precision = _setup_device(cfg, session)
+    precision, mmap_threshold = _setup_device(cfg, session, phase.method)
     tokenizer, model, teacher = _setup_models(phase, session, precision)
     steps_total = cfg.total_steps(session.world_size, phase.tokens)
     engine, scheduler, zero = _setup_engine(phase, model, session, precision, steps_total)
+    zero["malloc_mmap_threshold"] = mmap_threshold  # beside peak_rss_mb in retraining.json
     stream = _setup_data(cfg, tokenizer, session)
     t = Training(phase, session, engine, scheduler, stream, teacher, steps_total,
                  flatten=_one_row_batches(cfg, model, teacher),
@@ -94,16 +95,22 @@ def run(phase: Phase, session: Session) -> dict:
 
 # -- setup --------------------------------------------------------------------------------------------------------
 
-def _setup_device(cfg: TrainConfig, session: Session) -> str:
+def _setup_device(cfg: TrainConfig, session: Session, method: str) -> tuple[str, int | None]:
     """Make the session's device current (NCCL collectives — ours, DeepSpeed's, the barriers — run on the current
-    device) and seed torch; returns the precision the phase trains in on that device (bf16, fp16 or fp32)."""
+    device) and seed torch; returns the precision the phase trains in on that device (bf16, fp16 or fp32), and
+    the host allocator's mmap threshold in bytes (None: glibc's dynamic one), which for a ZeRO-3 or offloading
+    phase ``method`` is fixed first of all so that host memory freed from here on goes back to the OS
+    (:mod:`shortened.host_memory`)."""
+    from shortened.host_memory import return_freed_host_memory
+
+    mmap_threshold = return_freed_host_memory(phase_mmap_threshold(cfg, method))
     _skip_shm_comm_build()
     device = session.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
     precision = resolve_precision(cfg, device)
     torch.manual_seed(cfg.seed)
-    return precision
+    return precision, mmap_threshold
 
 
 def _skip_shm_comm_build() -> None:

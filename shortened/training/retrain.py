@@ -21,10 +21,12 @@ from pathlib import Path
 from shortened import storage
 from shortened.cluster import ClusterChecked, ScaleConfig, check_job_paths, check_shared_storage, connect
 from shortened.errors import ShortenedError
+from shortened.host_memory import allocator_env, mmap_threshold
 from shortened.io import check_output
 from shortened.pruning import PRUNING_JSON
 from shortened.training import identity
 from shortened.training.config import TrainConfig
+from shortened.training.deepspeed_config import phase_mmap_threshold
 from shortened.training.loop import Phase, train_worker
 
 log = logging.getLogger(__name__)
@@ -143,7 +145,7 @@ def resolve_teacher(spec: str, where: str) -> str:
 
 def check_inputs(model: str, out: str, cfg: TrainConfig, overwrite: bool) -> None:
     from shortened.data import DocumentStream
-
+    mmap_threshold()  # a bad $SHORTENED_MALLOC_MMAP_THRESHOLD fails here, not in every worker
     check_model_folder(model)
     if cfg.method == "partial":  # partial_blocks within the model's blocks, before any worker starts
         from shortened.training.partial import check_partial_model
@@ -227,6 +229,8 @@ def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None
     results = []
     for phase, record in zip(phases, records):
         identity.write_record(storage.path(storage_path) / phase.run, record)
+        # a ZeRO-3 or offloading phase's workers return freed host memory to the OS (set as each process starts)
+        env = {**allocator_env(phase_mmap_threshold(phase.train, phase.method)), **worker_env}
         trainer = TorchTrainer(
             train_worker, train_loop_config=phase.model_dump(),
             scaling_config=ScalingConfig(
@@ -237,7 +241,7 @@ def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                                  failure_config=FailureConfig(max_failures=max_failures),
                                  callbacks=callbacks or None,
-                                 worker_runtime_env={"env_vars": worker_env} if worker_env else None))
+                                 worker_runtime_env={"env_vars": env} if env else None))
         result = trainer.fit()
         if result.error:
             raise result.error
