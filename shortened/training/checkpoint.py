@@ -224,7 +224,19 @@ def universal_checkpoint(ckpt: Path, staging: Path, session: Session, *, key: st
 def _load_universal(engine, folder: Path) -> None:
     """Load a universal checkpoint: DeepSpeed reads one when its config says ``checkpoint.load_universal``, which
     the engine was built without (it is a property of the checkpoint, known only now), so it is set for this
-    load."""
+    load.
+
+    Two faults of DeepSpeed's ZeRO-3 loader (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) are undone
+    after the load, without which the resumed run drifts from the uninterrupted one: it copies the first parameter
+    group's hyperparameters into every group, which gives the norm weights and biases the matrices' weight decay
+    (:func:`~shortened.training.loop.param_groups`), so each group's own are put back (all but the learning rate,
+    which the schedule sets, the same in every group); and it gives every optimizer sub-group the same AdamW
+    ``step`` tensor, which torch increments in place, so with several sub-groups (``sub_group_size``) the step
+    count, and with it Adam's bias correction, would advance once per sub-group at every step: each gets its
+    own."""
+    optimizer = _torch_optimizer(engine)
+    groups = optimizer.param_groups if optimizer is not None else []
+    own = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
     config = engine._config
     before = config.load_universal_checkpoint
     config.load_universal_checkpoint = True
@@ -232,6 +244,22 @@ def _load_universal(engine, folder: Path) -> None:
         engine.load_checkpoint(str(folder), tag=CKPT_TAG)
     finally:
         config.load_universal_checkpoint = before
+    if optimizer is None:
+        return
+    for group, kept in zip(optimizer.param_groups, own, strict=True):
+        group.update(kept)
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def _torch_optimizer(engine) -> torch.optim.Optimizer | None:
+    """The torch optimizer under DeepSpeed's wrappers (``engine.optimizer.optimizer…``), or None."""
+    opt, seen = getattr(engine, "optimizer", None), set()
+    while opt is not None and id(opt) not in seen and not isinstance(opt, torch.optim.Optimizer):
+        seen.add(id(opt))
+        opt = getattr(opt, "optimizer", None)
+    return opt if isinstance(opt, torch.optim.Optimizer) else None
 
 
 class _LogWriter:
