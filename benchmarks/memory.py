@@ -83,7 +83,7 @@ def idle_rss_mb(work: Path) -> float:
 
 
 def retrain_peaks(model_dir: Path, work: Path, zero_stage: int, workers: int, steps: int, seq_len: int,
-                  precision: str = "fp32") -> dict:
+                  precision: str = "bf16") -> dict:
     """One CPT retraining; every worker's peak RSS (MiB) and the wall time."""
     from shortened.cluster import ScaleConfig
     from shortened.data import DataConfig

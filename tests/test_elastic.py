@@ -88,7 +88,8 @@ def check_continuation(tmp_path, record: dict, order: list[str], before: int, af
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_workers_killed_resume_on_one(ray_cluster, tiny_llama_dir, global_order, tmp_path, zero_stage):
+def test_two_workers_killed_resume_on_one(ray_cluster, tiny_llama_dir, global_order, tmp_path, zero_stage,
+                                          monkeypatch):
     """2 -> 1 with synchronous uploads: resumes at the checkpoint after step 4, and ends on the weights and loss of
     the uninterrupted 2-worker run (the optimizer state was resharded, not restarted). Under ZeRO-3 the tiny
     model's optimizer runs in many sub-groups (``sub_group_size`` 10·h²), and the weight decay of each parameter
@@ -97,6 +98,8 @@ def test_two_workers_killed_resume_on_one(ray_cluster, tiny_llama_dir, global_or
     import torch
     from transformers import AutoModelForCausalLM
 
+    for name in ("SHORTENED_MALLOC_MMAP_THRESHOLD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)  # the default policy (host_memory): the driver decides
     c = cfg(zero_stage=zero_stage, checkpoint_upload="sync")
     record = killed_then_resumed(tmp_path, tiny_llama_dir, c, 2, 1)
     check_continuation(tmp_path, record, global_order, 2, 1, resumed_at=(4,))

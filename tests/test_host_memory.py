@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from shortened.errors import ShortenedError
-from shortened.host_memory import (DEFAULT_THRESHOLD, ENV, GLIBC_ENV, allocator_env, mmap_threshold,
+from shortened.host_memory import (ENV, FIXED_THRESHOLD, GLIBC_ENV, allocator_env, forwarded_env, mmap_threshold,
                                    return_freed_host_memory)
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
@@ -50,7 +50,7 @@ def test_freed_blocks_are_returned_with_the_workers_environment_or_mallopt(monke
         monkeypatch.delenv(name, raising=False)
     default = resident_after_free({})
     assert default["peak"] > 380 and default["after"] > 0.9 * default["peak"], default  # glibc keeps them
-    fixed = resident_after_free(allocator_env(DEFAULT_THRESHOLD))
+    fixed = resident_after_free(allocator_env(FIXED_THRESHOLD))
     assert fixed["peak"] > 380 and fixed["after"] < 50, fixed
     assert resident_after_free({}, how="mallopt")["after"] < 50  # in-process, from the main thread
 
@@ -62,22 +62,35 @@ def test_the_threshold_is_fixed_for_zero3_and_offload_phases_unless_the_environm
     for name in (*GLIBC_ENV, ENV):
         monkeypatch.delenv(name, raising=False)
     cfg = TrainConfig(train_tokens=1024, method="cpt+lora", zero_stage=3)  # CPT at ZeRO-3, LoRA at lora.zero_stage 2
-    assert (phase_mmap_threshold(cfg, "cpt"), phase_mmap_threshold(cfg, "lora")) == (DEFAULT_THRESHOLD, 0)
-    assert DEFAULT_THRESHOLD == 128 * 1024 and mmap_threshold(2) == 0 and mmap_threshold(2, offload=True) > 0
+    assert (phase_mmap_threshold(cfg, "cpt"), phase_mmap_threshold(cfg, "lora")) == (FIXED_THRESHOLD, 0)
+    assert FIXED_THRESHOLD == 128 * 1024 and mmap_threshold(2) == 0 and mmap_threshold(2, offload=True) > 0
     offload = TrainConfig(train_tokens=1024, zero_stage=2, offload_optimizer=True)
-    assert phase_mmap_threshold(offload, "cpt") == DEFAULT_THRESHOLD
-    assert allocator_env(DEFAULT_THRESHOLD) == {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    assert allocator_env(0) == {} and return_freed_host_memory(0) is None
+    assert phase_mmap_threshold(offload, "cpt") == FIXED_THRESHOLD
+    # the workers get the decision, and glibc's variables with it
+    expected = {ENV: "131072", **dict.fromkeys(GLIBC_ENV, "131072")} if platform.libc_ver()[0] == "glibc" \
+        else {ENV: "131072"}
+    assert allocator_env(FIXED_THRESHOLD) == expected
+    assert allocator_env(0) == {ENV: "0"} and return_freed_host_memory(0) is None
+    assert forwarded_env() == {}
+    # a sweep driver's variable reaches the trial's decision through the worker env it passes on
+    assert phase_mmap_threshold(cfg, "lora", {ENV: "4194304"}) == 4194304
     monkeypatch.setenv(ENV, "4194304")  # every phase
-    assert phase_mmap_threshold(cfg, "lora") == mmap_threshold(0) == 4194304
+    assert phase_mmap_threshold(cfg, "lora") == mmap_threshold(0) == 4194304 and forwarded_env() == {ENV: "4194304"}
     monkeypatch.setenv(ENV, "0")  # no phase
     assert phase_mmap_threshold(cfg, "cpt") == 0
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # the user's own glibc setting rules, and is reported
-    assert allocator_env(DEFAULT_THRESHOLD) == {} and return_freed_host_memory(DEFAULT_THRESHOLD) == 65536
-    for bad in ("-1", "1MB"):
+    # the user's own glibc setting rules: passed on as it is, and reported
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    assert allocator_env(FIXED_THRESHOLD) == {ENV: "131072", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    if platform.libc_ver()[0] == "glibc":
+        assert return_freed_host_memory(FIXED_THRESHOLD) is None  # only the trim threshold set: mmap's is dynamic
+        monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+        assert return_freed_host_memory(FIXED_THRESHOLD) == 65536
+    for bad in ("-1", "1MB", str(32 * 2**20 + 1)):
         monkeypatch.setenv(ENV, bad)
-        with pytest.raises(ShortenedError, match=f"{ENV}: expected a number of bytes >= 0.*{bad}"):
+        with pytest.raises(ShortenedError, match=f"{ENV}: expected a number of bytes from 0 .* got '{bad}'"):
             mmap_threshold(3)
+        with pytest.raises(ShortenedError, match=ENV):
+            forwarded_env()
 
 
 def test_a_bad_threshold_fails_retrain_before_workers_start(monkeypatch, tiny_llama_dir, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import socket
 
 import pytest
@@ -72,7 +73,9 @@ def weights(folder) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.timeout(300)
-def test_zero3_partitions_at_load_and_exports_the_zero0_weights(tiny_llama_dir, tmp_path):
+def test_zero3_partitions_at_load_and_exports_the_zero0_weights(tiny_llama_dir, tmp_path, monkeypatch):
+    for name in ("SHORTENED_MALLOC_MMAP_THRESHOLD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)  # the default policy (host_memory), in the spawned ranks too
     z3, built3 = train(tmp_path, tiny_llama_dir, "z3", zero_stage=3)
     z0, built0 = train(tmp_path, tiny_llama_dir, "z0", zero_stage=0)
     # ZeRO-3: right after from_pretrained each rank holds an empty placeholder and a 1/2 partition of every
@@ -92,7 +95,8 @@ def test_zero3_partitions_at_load_and_exports_the_zero0_weights(tiny_llama_dir, 
     r3 = json.loads((z3 / "retraining.json").read_text())
     assert r3["zero_stage"] == 3 and len(r3["phases"][0]["peak_rss_mb"]) == WORLD
     assert all(m > 100 for m in r3["phases"][0]["peak_rss_mb"])
-    assert r3["phases"][0]["malloc_mmap_threshold"] == 128 * 1024  # set by mallopt in processes Ray did not start
+    if platform.libc_ver()[0] == "glibc":  # set by mallopt in processes Ray did not start
+        assert r3["phases"][0]["malloc_mmap_threshold"] == 128 * 1024
     assert json.loads((z0 / "retraining.json").read_text())["phases"][0]["malloc_mmap_threshold"] is None
     assert json.loads((z3 / "config.json").read_text())["dtype"] == "float32"
 

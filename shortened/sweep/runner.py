@@ -23,6 +23,7 @@ from ray.tune.search import Searcher
 from shortened import console, storage
 from shortened.cluster import ClusterChecked, connect
 from shortened.errors import Interrupted, ShortenedError
+from shortened.host_memory import forwarded_env
 from shortened.io import write_json_atomic
 from shortened.sweep import preflight
 from shortened.sweep.config import Selection, SweepConfig
@@ -183,8 +184,9 @@ def run_trials(cfg: SweepConfig, store: ResultsStore, checked: Preflight, before
                worker_env: dict[str, str] | None) -> None:
     """Every trial not completed yet, through Tune: the grid, longest first; or the dense baseline, then a bisection
     of the block count."""
-    # Train workers' rank 0 writes its progress where the live view reads it
-    worker_env = {**console.progress_env(cfg.layout.root / "progress"), **(worker_env or {})}
+    # Train workers' rank 0 writes its progress where the live view reads it; the trials decide the workers' host
+    # allocator settings from this driver's variables (host_memory)
+    worker_env = {**console.progress_env(cfg.layout.root / "progress"), **forwarded_env(), **(worker_env or {})}
     trainable = tune.with_parameters(_trainable, sweep=cfg, cluster=checked.cluster, worker_env=worker_env)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if cfg.search == "grid":

@@ -233,7 +233,8 @@ def _load_universal(engine, folder: Path) -> None:
     which the schedule sets, the same in every group); and it gives every optimizer sub-group the same AdamW
     ``step`` tensor, which torch increments in place, so with several sub-groups (``sub_group_size``) the step
     count, and with it Adam's bias correction, would advance once per sub-group at every step: each gets its
-    own."""
+    own. The hyperparameters put back are the fresh optimizer's, which are the checkpoint's: a resume with another
+    config is refused before workers start (:func:`~shortened.training.identity.check_run`)."""
     optimizer = _torch_optimizer(engine)
     groups = optimizer.param_groups if optimizer is not None else []
     own = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 
@@ -43,11 +44,11 @@ def _offloads(cfg: TrainConfig, stage: int) -> tuple[bool, bool]:
     return cfg.offload_params and stage == 3, cfg.offload_optimizer and stage >= 1
 
 
-def phase_mmap_threshold(cfg: TrainConfig, method: str) -> int:
+def phase_mmap_threshold(cfg: TrainConfig, method: str, env: Mapping[str, str] | None = None) -> int:
     """The host allocator's mmap threshold (bytes; 0: glibc's default) for the phase ``method``: fixed low when the
-    phase runs ZeRO-3 or offloads to CPU memory (:func:`shortened.host_memory.mmap_threshold`)."""
+    phase runs ZeRO-3 or offloads to CPU memory (:func:`shortened.host_memory.mmap_threshold`, reading ``env``)."""
     stage = phase_zero_stage(cfg, method)
-    return mmap_threshold(stage, any(_offloads(cfg, stage)))
+    return mmap_threshold(stage, any(_offloads(cfg, stage)), env)
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str, method: str | None = None,

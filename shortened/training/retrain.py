@@ -226,11 +226,12 @@ def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None
     ray_storage = ({"storage_path": storage_path} if not storage.is_url(storage_path) else
                    dict(zip(("storage_filesystem", "storage_path"), storage.pyarrow_filesystem(storage_path))))
     worker_env = {**storage.worker_env(), **(worker_env or {})}
+    decide_in = {**os.environ, **worker_env}  # a sweep's trial: the sweep driver's host-memory variables
     results = []
     for phase, record in zip(phases, records):
         identity.write_record(storage.path(storage_path) / phase.run, record)
         # a ZeRO-3 or offloading phase's workers return freed host memory to the OS (set as each process starts)
-        env = {**allocator_env(phase_mmap_threshold(phase.train, phase.method)), **worker_env}
+        env = {**worker_env, **allocator_env(phase_mmap_threshold(phase.train, phase.method, decide_in), decide_in)}
         trainer = TorchTrainer(
             train_worker, train_loop_config=phase.model_dump(),
             scaling_config=ScalingConfig(
