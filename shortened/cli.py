@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shortened import console, io
+from shortened import console, io, storage
 from shortened.cli_parser import Parser, Part, Verb, explain
 from shortened.cluster import ScaleConfig
 from shortened.criteria.task import TaskCriterionConfig
@@ -70,7 +70,7 @@ class JsonOutput(_Options):
     """Output"""
 
     out: str
-    """The JSON file to write (scores for score, results for eval)."""
+    """The JSON file to write (scores for score, results for eval): a path, or s3://bucket/key.json, gs://…"""
     overwrite: bool = False
     """Replace an existing file."""
 
@@ -79,7 +79,8 @@ class FolderOutput(_Options):
     """Output"""
 
     out: str
-    """The output folder for the HF checkpoint (must not exist or be empty)."""
+    """The output folder for the HF checkpoint (must not exist or be empty): a path, or s3://bucket/prefix, gs://…
+    (a prefix inside the bucket, published with a .complete marker)."""
     overwrite: bool = False
     """Replace a non-empty output folder."""
     save_dtype: SaveDtype = "auto"
@@ -200,13 +201,14 @@ class RetrainOptions(_Options):
     model: str
     """The (pruned) HF model folder."""
     out: str
-    """Folder for the retrained HF checkpoint."""
+    """Folder for the retrained HF checkpoint: a path, or s3://bucket/prefix, gs://…"""
     config: str | None = None
     """YAML file of TrainConfig fields (e.g. jobs/configs/retrain-cpt.yaml); the flags override its values."""
     name: str | None = None
     """Run name (default: the output folder's name); the same name resumes."""
     storage_path: str = str(Path.home() / "ray_results")
-    """Ray Train storage (shared storage on multi-node clusters)."""
+    """Ray Train storage: checkpoints and run records (on a multi-node cluster a shared path, or
+    s3://bucket/prefix, gs://…)."""
     address: str | None = None
     """Ray cluster address (default: RAY_ADDRESS, else a local Ray)."""
     max_failures: NonNegative = 0
@@ -245,7 +247,7 @@ class SweepOptions(_Options):
     name: str | None = None
     """Override the config's name."""
     storage_path: str | None = None
-    """Override the config's storage_path (shared storage on a multi-node cluster)."""
+    """Override the config's storage_path (on a multi-node cluster a shared path, or s3://bucket/prefix, gs://…)."""
     store_url: str | None = None
     """Override the config's store_url (e.g. postgresql://user@host/db)."""
     address: str | None = None
@@ -832,6 +834,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = f"shortened {args.command}"
         console.configure(verbose=args.verbose, quiet=getattr(args, "quiet", False))
         try:
+            for dest, value in vars(args).items():  # file:///x is the local path /x, for every path flag
+                if isinstance(value, str) and value.startswith("file://"):
+                    setattr(args, dest, storage.local_path(value))
             if args.command in RESULT_VERBS:  # libraries print on stdout: only the result goes there
                 with console.results_on_stdout():
                     code = command_of(args.command)(args)

@@ -167,11 +167,21 @@ def check_output(path: str | Path, *, kind: str, overwrite: bool = False, flag: 
         raise ShortenedError(f"{flag}: an empty path")
     from shortened import storage
 
-    if storage.is_url(raw):  # an object store: the bucket must take writes; a published folder is "existing"
+    raw = storage.local_path(raw)
+    if storage.is_url(raw):  # an object store: the bucket must take writes; what is there is judged as locally
         storage.check_writable(raw, flag)
-        if kind == "dir" and storage.is_complete(raw) and not overwrite:
-            raise ShortenedError(f"{flag} {raw}: a model folder is there already (use --overwrite to replace it)")
-        if kind == "file" and storage.path(raw).exists() and not overwrite:
+        if kind == "dir":
+            storage.check_folder_url(raw)
+        there, objects = storage.describe_prefix(raw)
+        if kind == "file" and there == "folder":
+            raise ShortenedError(f"{flag} {raw}: is a folder ({objects} object(s) below it), expected a file path")
+        if kind != "file" and there == "file":
+            raise ShortenedError(f"{flag} {raw}: exists and is not a folder")
+        if kind == "dir" and objects and not overwrite:
+            what = "a model folder is there already" if storage.is_complete(raw) else \
+                f"the prefix holds {objects} object(s)"
+            raise ShortenedError(f"{flag} {raw}: {what} (use --overwrite to replace it)")
+        if kind == "file" and there == "file" and not overwrite:
             raise ShortenedError(f"{flag} {raw}: the file exists (use --overwrite to replace it)")
         return storage.path(raw)
     path = Path(raw).expanduser()

@@ -56,6 +56,22 @@ def is_url(p: Any) -> bool:
     return "://" in s and not s.startswith("file://")
 
 
+def local_path(p: str) -> str:
+    """A ``file://`` URL as the local path it names (``file:///data/x`` and ``file://localhost/data/x`` are
+    ``/data/x``); anything else unchanged. Local folders are handled as paths (atomic renames, the shared-storage
+    check), never through fsspec's ``file`` filesystem."""
+    s = str(p)
+    if not s.startswith("file://"):
+        return s
+    from urllib.parse import unquote, urlparse
+
+    parts = urlparse(s)
+    if parts.netloc not in ("", "localhost"):
+        raise ShortenedError(f"{s!r}: a file:// URL names a path on this machine (file:///path), not on host "
+                             f"{parts.netloc!r}")
+    return unquote(parts.path) or "/"
+
+
 def protocol(url: str) -> str:
     return str(url).split("://", 1)[0].lower()
 
@@ -101,14 +117,14 @@ def path(p: str | os.PathLike):
         if not isinstance(p, str) and type(p).__module__.startswith("upath"):
             return p
         return UPath(str(p), **storage_options(str(p)))
-    return Path(p).expanduser()
+    return Path(local_path(p)).expanduser()
 
 
 def absolute(p: str | os.PathLike) -> str:
     """A local path made absolute (``~`` expanded, resolved); a URL as it is, without a trailing slash."""
     if is_url(p):
         return str(p).rstrip("/")
-    return str(Path(p).expanduser().resolve())
+    return str(Path(local_path(p)).expanduser().resolve())
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
@@ -173,6 +189,27 @@ def _check_answers(url: str, endpoint: str, what: str) -> None:
                              "AWS_ENDPOINT_URL and that the server is up") from exc
 
 
+def check_folder_url(url: str, inner: str | None = None) -> None:
+    """A model folder at a URL needs a prefix inside the bucket: publishing replaces what is at the prefix, and at a
+    bucket's root that would be the whole bucket. ShortenedError otherwise."""
+    inner = inner if inner is not None else filesystem(url)[1]
+    if "/" not in inner.strip("/"):
+        raise ShortenedError(f"{url}: a bucket's root cannot hold a model folder (it would replace everything in "
+                             f"the bucket); give a prefix, e.g. {url.rstrip('/')}/pruned")
+
+
+def describe_prefix(url: str) -> tuple[str, int]:
+    """What is at ``url``: ``("folder", objects below it)``, ``("file", 1)``, or ``("none", 0)``."""
+    fs, inner = filesystem(url)
+    fs.invalidate_cache()
+    if fs.isfile(inner):
+        return "file", 1
+    try:
+        return ("folder", len(fs.find(inner))) if fs.isdir(inner) else ("none", 0)
+    except FileNotFoundError:
+        return "none", 0
+
+
 # -- folders that move between steps ---------------------------------------------------------------------------
 
 def is_complete(folder: str | os.PathLike) -> bool:
@@ -189,6 +226,7 @@ def publish_dir(local: Path, url: str) -> None:
     then the files (the JSON reports at the top last), then a new marker. Readers (:func:`is_complete`,
     :func:`local_copy`) never take the folder before the marker is there."""
     fs, inner = filesystem(url)
+    check_folder_url(url, inner)
     with contextlib.suppress(FileNotFoundError):
         fs.rm_file(f"{inner}/{COMPLETE}")
     if fs.exists(inner):

@@ -78,6 +78,87 @@ def test_bad_buckets_are_named_errors(s3, monkeypatch, tmp_path):
         storage.check_writable("s3://x/runs")
 
 
+def test_an_output_in_a_bucket_replaces_only_what_it_may(s3, tiny_llama_dir, tmp_path):
+    """Publishing a model folder replaces its prefix, so a bucket's root is refused and a prefix that holds other
+    objects is refused without --overwrite, as a non-empty local folder is; nothing in the bucket is touched."""
+    from shortened.cli import main
+    from shortened.io import check_output
+
+    bucket = s3.bucket()
+    s3.client().put_object(Bucket=bucket, Key="keep.txt", Body=b"keep")
+    s3.client().put_object(Bucket=bucket, Key="data/important.txt", Body=b"data")
+    with pytest.raises(ShortenedError, match=r"a bucket's root cannot hold a model folder"):
+        check_output(f"s3://{bucket}", kind="dir", overwrite=True, flag="--out")
+    with pytest.raises(ShortenedError, match=r"a bucket's root cannot hold a model folder"):
+        storage.publish_dir(tmp_path, f"s3://{bucket}/")
+    with pytest.raises(ShortenedError, match=r"--out s3://\S+/data: the prefix holds 1 object\(s\) \(use --overwrite"):
+        check_output(f"s3://{bucket}/data", kind="dir", flag="--out")
+    with pytest.raises(ShortenedError, match=r"is a folder \(1 object\(s\) below it\), expected a file path"):
+        check_output(f"s3://{bucket}/data", kind="file", flag="--out", overwrite=True)
+    with pytest.raises(ShortenedError, match=r"exists and is not a folder"):
+        check_output(f"s3://{bucket}/keep.txt", kind="dir", flag="--out", overwrite=True)
+    prune = ["prune", "--model", str(tiny_llama_dir), "--criterion", "magnitude", "--blocks", "2", "--quiet"]
+    assert main([*prune, "--out", f"s3://{bucket}"]) == 2
+    assert main([*prune, "--out", f"s3://{bucket}/data"]) == 2
+    assert s3.keys(bucket) == ["data/important.txt", "keep.txt"]
+    assert main([*prune, "--out", f"s3://{bucket}/data", "--overwrite"]) == 0  # replacing it is asked for
+    keys = s3.keys(bucket)
+    assert "keep.txt" in keys and "data/.complete" in keys and "data/important.txt" not in keys
+
+
+def test_retrain_and_sweep_name_a_bad_store_before_reading_it(s3, tiny_llama_dir, tmp_path, monkeypatch):
+    """retrain reads its runs' records and a sweep its sweep.json from the store: a missing bucket or a dead endpoint
+    is the named error (refused credentials: test_bad_buckets_are_named_errors) before that, and before Ray, not a
+    client's traceback."""
+    import ray
+    from test_sweep import tiny_sweep
+
+    from shortened.data import DataConfig
+    from shortened.sweep import SweepConfig
+    from shortened.sweep.runner import run_sweep
+    from shortened.training.config import TrainConfig
+    from shortened.training.retrain import ScaleConfig, retrain
+
+    assert not ray.is_initialized()
+    cfg = TrainConfig(train_tokens=256, micro_batch_size=2, data=DataConfig(seq_len=64), zero_stage=0)
+
+    def both(storage_path: str, message: str) -> None:
+        with pytest.raises(ShortenedError, match=message):
+            retrain(str(tiny_llama_dir), str(tmp_path / "out"), cfg, storage_path=storage_path, name="r",
+                    scale=ScaleConfig(num_workers=1, cpus_per_worker=1))
+        sweep = SweepConfig.model_validate(tiny_sweep(tiny_llama_dir, Path("unused"), storage_path=storage_path))
+        with pytest.raises(ShortenedError, match=message):
+            run_sweep(sweep)
+        assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+    both("s3://no-such-bucket-y/runs", r"storage.path 's3://no-such-bucket-y/runs': bucket 'no-such-bucket-y' "
+                                       r"does not exist")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    both(f"s3://{s3.bucket()}/runs", r"cannot reach the object store at http://127.0.0.1:9")
+
+
+def test_file_urls_are_local_paths(tiny_llama_dir, tmp_path, monkeypatch):
+    """file:///x names the local path /x everywhere a path is taken; it never becomes a folder named 'file:'."""
+    from test_sweep import tiny_sweep
+
+    from shortened.cli import main
+    from shortened.io import check_output
+    from shortened.sweep import SweepConfig
+
+    monkeypatch.chdir(tmp_path)
+    assert storage.path(f"file://{tmp_path}/a") == tmp_path / "a" and not storage.is_url(f"file://{tmp_path}")
+    assert storage.absolute(f"file://localhost{tmp_path}/a%20b") == str(tmp_path / "a b")
+    assert check_output(f"file://{tmp_path}/o", kind="dir", create=False) == tmp_path / "o"
+    with pytest.raises(ShortenedError, match="names a path on this machine"):
+        storage.local_path("file://otherhost/data")
+    sweep = SweepConfig.model_validate(tiny_sweep(f"file://{tiny_llama_dir}", Path("unused"),
+                                                  storage_path=f"file://{tmp_path}/runs"))
+    assert (sweep.model, sweep.storage_path) == (str(tiny_llama_dir), str(tmp_path / "runs"))
+    assert main(["prune", "--model", f"file://{tiny_llama_dir}", "--criterion", "magnitude", "--blocks", "2",
+                 "--quiet", "--out", f"file://{tmp_path}/pruned"]) == 0
+    assert (tmp_path / "pruned" / "pruning.json").is_file() and not (tmp_path / "file:").exists()
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     import ray

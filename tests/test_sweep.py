@@ -81,13 +81,25 @@ def test_bad_inputs_fail_before_ray_starts(tmp_path, tiny_llama_dir):
              ({"device": "cuda"}, "resources.use_gpu"),
              ({"blocks": None, "ratios": [0.2]}, r"ratio 0.2 \(\d+ of 8 blocks\) removes more than the 6 blocks"),
              ({"methods": ["partial"], "train": {**base["train"], "partial_blocks": 7}},
-              r"train.partial_blocks 7 must be between 1 and the 4 blocks of the most pruned model \(4 of 8 removed\)")]
+              r"train.partial_blocks 7 must be between 1 and the 4 blocks of the most pruned model \(4 of 8 removed\)"),
+             # every worker count a trial may run on splits the global batch (2 x 1 x MAX 4 = 8: not over 3)
+             ({"resources": {"workers": [1, 4], "cpus_per_worker": 0.5}},
+              r"resources.workers \[1, 4\]: a global batch of 8 sequences cannot be split evenly over 3 worker"),
+             ({"resources": {"workers_per_trial": 3, "cpus_per_worker": 0.5},
+               "train": {**base["train"], "global_batch_size": 4}},
+              r"resources.workers_per_trial 3: a global batch of 4 sequences cannot be split evenly over 3 "
+              r"worker\(s\).*choose worker counts that divide 4"),
+             ({"env": "garbage"}, "SHORTENED_MALLOC_MMAP_THRESHOLD")]
     for change, message in cases:
+        env = change.pop("env", None)
         path = write_yaml(tmp_path / "c.yaml", {**base, **change})
-        with pytest.raises(ShortenedError, match=message):
-            from shortened.sweep.runner import run_sweep
+        with pytest.MonkeyPatch.context() as mp:
+            if env is not None:
+                mp.setenv("SHORTENED_MALLOC_MMAP_THRESHOLD", env)
+            with pytest.raises(ShortenedError, match=message):
+                from shortened.sweep.runner import run_sweep
 
-            run_sweep(load_sweep_config(path))
+                run_sweep(load_sweep_config(path))
         assert not ray.is_initialized() and not (tmp_path / "runs").exists()
 
 

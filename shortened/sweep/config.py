@@ -243,7 +243,7 @@ class SweepConfig(BaseModel):
     scheduler: Scheduler = Field(default_factory=Scheduler)
     """Early stopping of hopeless trials (name: asha), or none."""
     storage_path: str = "runs"
-    """Where experiment folders live: storage_path/name (shared storage on a cluster)."""
+    """Where experiment folders live: storage_path/name (on a cluster a shared path, or s3://bucket/prefix, gs://…)."""
     store_url: str | None = None
     """Results store (default: sqlite:///<experiment folder>/results.db), or postgresql+psycopg://user@host/db; give
     the password by PGPASSWORD, ~/.pgpass or ${VAR} in the URL: a literal one is saved masked."""
@@ -277,6 +277,14 @@ class SweepConfig(BaseModel):
         if self.store_url:
             state = {**state, "__dict__": {**state["__dict__"], "store_url": mask_url(self.store_url)}}
         return state
+
+    @field_validator("storage_path", "model")
+    @classmethod
+    def _file_url(cls, v: str) -> str:
+        """``file:///x`` is the local path ``/x``."""
+        from shortened import storage
+
+        return storage.local_path(v)
 
     @field_validator("name")
     @classmethod

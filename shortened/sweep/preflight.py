@@ -54,10 +54,17 @@ def resolve_paths(cfg: SweepConfig) -> SweepConfig:
 
 def before_writing(cfg: SweepConfig, resume: bool) -> int:
     """The inputs, the block counts and the experiment folder; returns the most blocks any trial removes."""
+    if storage.is_url(cfg.storage_path):  # the store answers, before the experiment folder in it is read
+        storage.check_writable(cfg.storage_path, "storage_path")
     check_inputs(cfg)
     n_remove_max = max_blocks(cfg)
     check_experiment(cfg, resume)
     return n_remove_max
+
+
+def workers_hint(cfg: SweepConfig) -> str:
+    """The setting that gives a trial's worker count, for messages."""
+    return "resources.workers" if cfg.resources.workers else "resources.workers_per_trial"
 
 
 def check_inputs(cfg: SweepConfig) -> None:
@@ -81,10 +88,21 @@ def check_inputs(cfg: SweepConfig) -> None:
 
         resolve_teacher(cfg.train.distill.teacher, "train.distill.teacher")
     if retrains(cfg):
+        from shortened.host_memory import mmap_threshold
+        from shortened.training.identity import split_problem
+
         try:
             DocumentStream(cfg.train.data)
         except ShortenedError as exc:
             raise ShortenedError(f"train.data: {exc}") from exc
+        mmap_threshold()  # a bad $SHORTENED_MALLOC_MMAP_THRESHOLD, named before scoring, not in every trial
+        r = cfg.resources  # every worker count a trial may run on splits a new trial's global batch
+        batch = cfg.train.global_batch(r.max_workers)
+        problem = split_problem(batch, range(r.min_workers, r.max_workers + 1))
+        if problem:
+            raise ShortenedError(f"{workers_hint(cfg)} {list(r.workers) if r.workers else r.num_workers}: {problem}; "
+                                 f"choose worker counts that divide {batch}, or set train.global_batch_size to a "
+                                 "multiple of each")
     if any(c != "magnitude" for c in cfg.criteria):
         try:
             DocumentStream(cfg.calibration.data_config())
@@ -194,11 +212,9 @@ def check_experiment(cfg: SweepConfig, resume: bool) -> None:
 # -- before the lock, and under it -----------------------------------------------------------------------------------
 
 def before_lock(cfg: SweepConfig) -> None:
-    """The driver can create and write the storage path (a path below a file is named, not a mkdir traceback); an
-    object store answers, has the bucket and takes these credentials' writes."""
-    if storage.is_url(cfg.storage_path):
-        storage.check_writable(cfg.storage_path, "storage_path")
-    else:
+    """The driver can create and write the storage path (a path below a file is named, not a mkdir traceback; an
+    object store was checked before anything was read from it, in :func:`before_writing`)."""
+    if not storage.is_url(cfg.storage_path):
         check_driver_writable(cfg.storage_path)
 
 
@@ -235,8 +251,8 @@ def check_train_runs(cfg: SweepConfig) -> None:
             bad.append(f"{run_dir.name}: {problem}")
     if bad:
         raise ShortenedError(
-            f"experiment {cfg.name!r}: unfinished trials cannot resume with resources.workers_per_trial "
-            f"{r.workers or r.num_workers}: {'; '.join(bad)}; choose a worker count that divides their global "
+            f"experiment {cfg.name!r}: unfinished trials cannot resume with {workers_hint(cfg)} "
+            f"{list(r.workers) if r.workers else r.num_workers}: {'; '.join(bad)}; choose a worker count that divides their global "
             f"batch, or delete those runs under {layout.train} to restart their training")
 
 

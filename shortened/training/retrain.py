@@ -202,6 +202,9 @@ def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None
     check_job_paths(out=out, storage_path=storage_path)
     model, out, storage_path = (storage.absolute(p) for p in (model, out, storage_path))  # URLs stay URLs
     cfg = absolute_data(cfg)
+    checked_here = checked is not None and checked.covers(storage_path, scale)
+    if storage.is_url(storage_path) and not checked_here:  # the store answers, before anything in it is read
+        storage.check_writable(storage_path)  # (every node reaches an object store as the driver does)
     check_inputs(model, out, cfg, overwrite)
     if cfg.method == "distill":
         where = "--teacher" if teacher else ("distill.teacher" if cfg.distill.teacher else f"{model}/{PRUNING_JSON}")
@@ -216,12 +219,10 @@ def retrain(model: str, out: str, cfg: TrainConfig, *, scale: ScaleConfig | None
         identity.check_run(storage.path(storage_path) / phase.run, record, workers_hint)
         identity.check_worker_split(phase.run, phase.train, range(scale.min_workers, scale.max_workers + 1),
                                     workers_hint)
-    if checked is None or not checked.covers(storage_path, scale):
+    if not checked_here:
         connect(address)
         scale.check_placement()
-        if storage.is_url(storage_path):  # an object store: every node reaches it as the driver does
-            storage.check_writable(storage_path)
-        else:
+        if not storage.is_url(storage_path):
             check_shared_storage(storage_path)
     ray_storage = ({"storage_path": storage_path} if not storage.is_url(storage_path) else
                    dict(zip(("storage_filesystem", "storage_path"), storage.pyarrow_filesystem(storage_path))))
