@@ -750,7 +750,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from shortened import storage
 
     if storage.is_url(out_dir):  # an experiment in an object store: written here, uploaded whole
-        with io.staged_dir(str(out_dir)) as local:
+        with storage.staged_upload(str(out_dir), replace=False) as local:  # into the prefix, as into a folder
             out = storage.join(out_dir, Path(write_report(store, name, local, choice, args.format)).name)
     else:
         out = write_report(store, name, out_dir, choice, args.format)
@@ -835,7 +835,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.configure(verbose=args.verbose, quiet=getattr(args, "quiet", False))
         try:
             for dest, value in vars(args).items():  # file:///x is the local path /x, for every path flag
-                if isinstance(value, str) and value.startswith("file://"):
+                if isinstance(value, str) and value.startswith("file:"):
                     setattr(args, dest, storage.local_path(value))
             if args.command in RESULT_VERBS:  # libraries print on stdout: only the result goes there
                 with console.results_on_stdout():

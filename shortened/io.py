@@ -170,7 +170,7 @@ def check_output(path: str | Path, *, kind: str, overwrite: bool = False, flag: 
     raw = storage.local_path(raw)
     if storage.is_url(raw):  # an object store: the bucket must take writes; what is there is judged as locally
         storage.check_writable(raw, flag)
-        if kind == "dir":
+        if kind != "file":
             storage.check_folder_url(raw)
         there, objects = storage.describe_prefix(raw)
         if kind == "file" and there == "folder":

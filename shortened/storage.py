@@ -57,11 +57,11 @@ def is_url(p: Any) -> bool:
 
 
 def local_path(p: str) -> str:
-    """A ``file://`` URL as the local path it names (``file:///data/x`` and ``file://localhost/data/x`` are
-    ``/data/x``); anything else unchanged. Local folders are handled as paths (atomic renames, the shared-storage
+    """A ``file:`` URL as the local path it names (``file:///data/x``, ``file://localhost/data/x`` and
+    ``file:/data/x`` are ``/data/x``); anything else unchanged. Local folders are handled as paths (atomic renames, the shared-storage
     check), never through fsspec's ``file`` filesystem."""
     s = str(p)
-    if not s.startswith("file://"):
+    if not s.startswith("file:"):
         return s
     from urllib.parse import unquote, urlparse
 
@@ -156,23 +156,38 @@ def check_writable(url: str, what: str = "storage path") -> None:
     try:  # the write itself tells the cases apart (exists() answers False to a refused request as well)
         fs.pipe_file(probe, b"probe")
         fs.rm_file(probe)
-    except PermissionError as exc:
-        raise ShortenedError(f"{what} {url!r}: access denied writing to bucket {bucket!r} at {endpoint} (check the "
-                             f"credentials in AWS_ACCESS_KEY_ID/AWS_PROFILE and the bucket policy): {exc}") from exc
     except FileNotFoundError as exc:
         raise ShortenedError(f"{what} {url!r}: bucket {bucket!r} does not exist at {endpoint} (create it first, or "
                              f"check the name and AWS_ENDPOINT_URL): {exc}") from exc
-    except OSError as exc:
-        raise ShortenedError(f"{what} {url!r}: cannot reach the object store at {endpoint}: {exc}") from exc
-    except Exception as exc:  # botocore's EndpointConnectionError, NoCredentialsError... (not OSError subclasses)
-        name = type(exc).__name__
-        if "Credential" in name:
-            raise ShortenedError(f"{what} {url!r}: no credentials for {endpoint} (set AWS_ACCESS_KEY_ID and "
-                                 f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role): {exc}") from exc
-        raise ShortenedError(f"{what} {url!r}: cannot reach the object store at {endpoint} ({name}: {exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - botocore's errors are not OSErrors
+        raise store_error(exc, url, what, "writing to") from exc
     finally:
         with contextlib.suppress(Exception):
             fs.invalidate_cache()
+
+
+def store_error(exc: BaseException, url: str, what: str, doing: str = "reading") -> ShortenedError:
+    """The named error for an object store's refusal ``exc`` while ``doing`` at ``url``: access denied, no
+    credentials, an invalid bucket name, or a store that cannot be reached."""
+    bucket = str(url).split("://", 1)[-1].split("/", 1)[0]
+    endpoint = storage_options(url).get("endpoint_url") or "the default endpoint"
+    name, text = type(exc).__name__, str(exc).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        return ShortenedError(f"{what} {url!r}: access denied {doing} bucket {bucket!r} at {endpoint} (check the "
+                              f"credentials in AWS_ACCESS_KEY_ID/AWS_PROFILE and the bucket policy): {text}")
+    if "Credential" in name:
+        return ShortenedError(f"{what} {url!r}: no credentials for {endpoint} (set AWS_ACCESS_KEY_ID and "
+                              f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance role): {text}")
+    if "bucket name" in text.lower() or name == "ParamValidationError":
+        return ShortenedError(f"{what} {url!r}: {bucket!r} is not a valid bucket name (lowercase letters, digits, "
+                              f"'.', '-'; 3 to 63 characters)")
+    return ShortenedError(f"{what} {url!r}: cannot reach the object store at {endpoint} ({name}: {text})")
+
+
+def _check_endpoint(url: str, what: str) -> None:
+    endpoint = storage_options(url).get("endpoint_url") or ""
+    if endpoint.startswith(("http://", "https://")):  # the client retries a dead endpoint for long: ask the socket
+        _check_answers(url, endpoint, what)
 
 
 def _check_answers(url: str, endpoint: str, what: str) -> None:
@@ -190,12 +205,12 @@ def _check_answers(url: str, endpoint: str, what: str) -> None:
 
 
 def check_folder_url(url: str, inner: str | None = None) -> None:
-    """A model folder at a URL needs a prefix inside the bucket: publishing replaces what is at the prefix, and at a
-    bucket's root that would be the whole bucket. ShortenedError otherwise."""
+    """A folder of outputs at a URL needs a prefix inside the bucket: publishing replaces what is at the prefix, and
+    at a bucket's root that would be the whole bucket. ShortenedError otherwise."""
     inner = inner if inner is not None else filesystem(url)[1]
     if "/" not in inner.strip("/"):
-        raise ShortenedError(f"{url}: a bucket's root cannot hold a model folder (it would replace everything in "
-                             f"the bucket); give a prefix, e.g. {url.rstrip('/')}/pruned")
+        raise ShortenedError(f"{url}: a bucket's root cannot take a folder of outputs (publishing replaces what is "
+                             f"at its prefix: here the whole bucket); give a prefix, e.g. {url.rstrip('/')}/pruned")
 
 
 def describe_prefix(url: str) -> tuple[str, int]:
@@ -218,18 +233,23 @@ def is_complete(folder: str | os.PathLike) -> bool:
     if not is_url(folder):
         return Path(folder).expanduser().is_dir()
     fs, inner = filesystem(str(folder))
-    return fs.exists(f"{inner}/{COMPLETE}")
+    _check_endpoint(str(folder), "folder")
+    try:
+        return fs.exists(f"{inner}/{COMPLETE}")
+    except Exception as exc:  # noqa: BLE001 - botocore's errors are not OSErrors
+        raise store_error(exc, str(folder), "folder") from exc
 
 
-def publish_dir(local: Path, url: str) -> None:
-    """Upload the finished local folder ``local`` to ``url``, replacing what was there: the old marker goes first,
-    then the files (the JSON reports at the top last), then a new marker. Readers (:func:`is_complete`,
-    :func:`local_copy`) never take the folder before the marker is there."""
+def publish_dir(local: Path, url: str, *, replace: bool = True) -> None:
+    """Upload the finished local folder ``local`` to ``url``, replacing what was there (``replace``; else the files
+    are added to the prefix, whose other objects stay, as files written into a local folder): the old marker goes
+    first, then the files (the JSON reports at the top last), then a new marker. Readers (:func:`is_complete`,
+    :func:`local_copy`) never take the folder before the marker is there. ShortenedError for a bucket's root."""
     fs, inner = filesystem(url)
     check_folder_url(url, inner)
     with contextlib.suppress(FileNotFoundError):
         fs.rm_file(f"{inner}/{COMPLETE}")
-    if fs.exists(inner):
+    if replace and fs.exists(inner):
         fs.rm(inner, recursive=True)
     files = sorted(p for p in local.rglob("*") if p.is_file())
     top_json = [p for p in files if p.parent == local and p.suffix == ".json"]
@@ -250,11 +270,14 @@ def local_copy(url: str) -> Path:
     """A node-local copy of the published folder at ``url`` (downloaded once per node and publication; concurrent
     readers on one node share one download). ShortenedError when ``url`` holds no complete folder."""
     fs, inner = filesystem(url)
+    _check_endpoint(url, "folder")
     try:
         marker = json.loads(fs.cat_file(f"{inner}/{COMPLETE}"))
     except FileNotFoundError:
         raise ShortenedError(f"{url}: no complete folder there (no {COMPLETE} marker: missing, or still being "
                              "written)") from None
+    except Exception as exc:  # noqa: BLE001 - botocore's errors are not OSErrors
+        raise store_error(exc, url, "folder") from exc
     key = hashlib.sha256(f"{url.rstrip('/')}\n{marker['id']}".encode()).hexdigest()[:24]
     dest = cache_root() / f"{Path(inner).name}-{key}"
     if dest.is_dir():
@@ -283,13 +306,13 @@ def local_copy(url: str) -> Path:
 
 
 @contextlib.contextmanager
-def staged_upload(url: str) -> Iterator[Path]:
+def staged_upload(url: str, *, replace: bool = True) -> Iterator[Path]:
     """``with staged_upload(url) as folder:`` write a folder locally; when the block ends it is published to ``url``
-    (:func:`publish_dir`); when it raises, nothing is uploaded."""
+    (:func:`publish_dir`, ``replace`` as there); when it raises, nothing is uploaded."""
     staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=_scratch()))
     try:
         yield staging
-        publish_dir(staging, url)
+        publish_dir(staging, url, replace=replace)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

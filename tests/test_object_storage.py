@@ -70,9 +70,18 @@ def test_bad_buckets_are_named_errors(s3, monkeypatch, tmp_path):
             storage.check_writable(f"s3://{bucket}/runs")
     finally:
         strict.stop()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    with pytest.raises(ShortenedError, match=r"'Bad_Bucket!' is not a valid bucket name"):
+        storage.check_writable("s3://Bad_Bucket!/runs")
+    with pytest.raises(ShortenedError, match=r"'Bad_Bucket!' is not a valid bucket name"):
+        storage.local_copy("s3://Bad_Bucket!/model")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     with pytest.raises(ShortenedError, match=r"cannot reach the object store at http://127.0.0.1:9"):
         storage.check_writable(f"s3://{s3.bucket()}/runs")
+    for read in (storage.local_copy, storage.is_complete):  # a model read from the store: named as well
+        with pytest.raises(ShortenedError, match=r"folder 's3://b/model': cannot reach the object store at "
+                                                 r"http://127.0.0.1:9"):
+            read("s3://b/model")
     monkeypatch.setenv(storage.OPTIONS_ENV, "[1")
     with pytest.raises(ShortenedError, match=storage.OPTIONS_ENV):
         storage.check_writable("s3://x/runs")
@@ -87,9 +96,9 @@ def test_an_output_in_a_bucket_replaces_only_what_it_may(s3, tiny_llama_dir, tmp
     bucket = s3.bucket()
     s3.client().put_object(Bucket=bucket, Key="keep.txt", Body=b"keep")
     s3.client().put_object(Bucket=bucket, Key="data/important.txt", Body=b"data")
-    with pytest.raises(ShortenedError, match=r"a bucket's root cannot hold a model folder"):
+    with pytest.raises(ShortenedError, match=r"a bucket's root cannot take a folder of outputs"):
         check_output(f"s3://{bucket}", kind="dir", overwrite=True, flag="--out")
-    with pytest.raises(ShortenedError, match=r"a bucket's root cannot hold a model folder"):
+    with pytest.raises(ShortenedError, match=r"a bucket's root cannot take a folder of outputs"):
         storage.publish_dir(tmp_path, f"s3://{bucket}/")
     with pytest.raises(ShortenedError, match=r"--out s3://\S+/data: the prefix holds 1 object\(s\) \(use --overwrite"):
         check_output(f"s3://{bucket}/data", kind="dir", flag="--out")
@@ -148,6 +157,7 @@ def test_file_urls_are_local_paths(tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert storage.path(f"file://{tmp_path}/a") == tmp_path / "a" and not storage.is_url(f"file://{tmp_path}")
     assert storage.absolute(f"file://localhost{tmp_path}/a%20b") == str(tmp_path / "a b")
+    assert storage.local_path("file:/data/x") == "/data/x" == storage.local_path("file:///data/x")
     assert check_output(f"file://{tmp_path}/o", kind="dir", create=False) == tmp_path / "o"
     with pytest.raises(ShortenedError, match="names a path on this machine"):
         storage.local_path("file://otherhost/data")
@@ -230,9 +240,12 @@ def test_a_sweep_lives_in_the_bucket(s3, local_ray, tiny_llama_dir, tmp_path, mo
     # the report of an experiment in the bucket is written into it, whole
     from shortened.cli import main
 
+    s3.client().put_object(Bucket=bucket, Key=root + "report/notes.txt", Body=b"mine")
     assert main(["report", f"s3://{bucket}/runs/s3sweep"]) == 0
     keys = s3.keys(bucket)
     assert root + "report/.complete" in keys and root + "report/report.md" in keys, keys
+    assert root + "report/notes.txt" in keys  # written into the prefix, as into a local folder: nothing else goes
+    assert main(["report", f"s3://{bucket}/runs/s3sweep", "--out", f"s3://{bucket}"]) == 2
     assert not any(p.name.startswith("s3") for p in tmp_path.iterdir())
 
 
