@@ -747,8 +747,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     check_output(out_dir, kind="folder", overwrite=True, flag="--out" if args.out else "report folder", create=False)
     choice = select(store.trials(name), _selection(args, store, name), strict=True)
     check_output(out_dir, kind="folder", overwrite=True, flag="--out" if args.out else "report folder")
-    from shortened import storage
-
     if storage.is_url(out_dir):  # an experiment in an object store: written here, uploaded whole
         with storage.staged_upload(str(out_dir), replace=False) as local:  # into the prefix, as into a folder
             out = storage.join(out_dir, Path(write_report(store, name, local, choice, args.format)).name)

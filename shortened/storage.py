@@ -58,8 +58,8 @@ def is_url(p: Any) -> bool:
 
 def local_path(p: str) -> str:
     """A ``file:`` URL as the local path it names (``file:///data/x``, ``file://localhost/data/x`` and
-    ``file:/data/x`` are ``/data/x``); anything else unchanged. Local folders are handled as paths (atomic renames, the shared-storage
-    check), never through fsspec's ``file`` filesystem."""
+    ``file:/data/x`` are ``/data/x``); anything else unchanged. Local folders are handled as paths (atomic
+    renames, the shared-storage check), never through fsspec's ``file`` filesystem."""
     s = str(p)
     if not s.startswith("file:"):
         return s
@@ -151,8 +151,7 @@ def check_writable(url: str, what: str = "storage path") -> None:
     bucket = inner.split("/", 1)[0]
     probe = f"{inner}/.probe-{uuid.uuid4().hex}"
     endpoint = storage_options(url).get("endpoint_url") or "the default endpoint"
-    if endpoint.startswith(("http://", "https://")):  # the client retries a dead endpoint for long, then says
-        _check_answers(url, endpoint, what)          # "no such bucket": ask the socket first
+    _check_endpoint(url, what)  # a dead endpoint would be retried for long, then called "no such bucket"
     try:  # the write itself tells the cases apart (exists() answers False to a refused request as well)
         fs.pipe_file(probe, b"probe")
         fs.rm_file(probe)

@@ -57,6 +57,16 @@ class Resources(ScaleConfig):
         return {("workers_per_trial" if k == "num_workers" else k): v for k, v in handler(self).items()}
 
     @property
+    def workers_field(self) -> str:
+        """The setting that gives a trial's worker count, as the YAML names it (for messages)."""
+        return "resources.workers" if self.workers else "resources.workers_per_trial"
+
+    @property
+    def workers_setting(self) -> str:
+        """That setting and its value, e.g. ``resources.workers [1, 4]`` (for messages)."""
+        return f"{self.workers_field} {list(self.workers) if self.workers else self.num_workers}"
+
+    @property
     def task_cpu(self) -> float:
         return self.task_cpus if self.task_cpus is not None else self.cpus_per_worker
 

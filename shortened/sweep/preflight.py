@@ -62,10 +62,6 @@ def before_writing(cfg: SweepConfig, resume: bool) -> int:
     return n_remove_max
 
 
-def workers_hint(cfg: SweepConfig) -> str:
-    """The setting that gives a trial's worker count, for messages."""
-    return "resources.workers" if cfg.resources.workers else "resources.workers_per_trial"
-
 
 def check_inputs(cfg: SweepConfig) -> None:
     """Fail in seconds on what would otherwise fail inside a trial: the model, data, eval sets."""
@@ -100,9 +96,8 @@ def check_inputs(cfg: SweepConfig) -> None:
         batch = cfg.train.global_batch(r.max_workers)
         problem = split_problem(batch, range(r.min_workers, r.max_workers + 1))
         if problem:
-            raise ShortenedError(f"{workers_hint(cfg)} {list(r.workers) if r.workers else r.num_workers}: {problem}; "
-                                 f"choose worker counts that divide {batch}, or set train.global_batch_size to a "
-                                 "multiple of each")
+            raise ShortenedError(f"{r.workers_setting}: {problem}; choose worker counts that divide {batch}, or set "
+                                 "train.global_batch_size to a multiple of each")
     if any(c != "magnitude" for c in cfg.criteria):
         try:
             DocumentStream(cfg.calibration.data_config())
@@ -251,9 +246,9 @@ def check_train_runs(cfg: SweepConfig) -> None:
             bad.append(f"{run_dir.name}: {problem}")
     if bad:
         raise ShortenedError(
-            f"experiment {cfg.name!r}: unfinished trials cannot resume with {workers_hint(cfg)} "
-            f"{list(r.workers) if r.workers else r.num_workers}: {'; '.join(bad)}; choose a worker count that divides their global "
-            f"batch, or delete those runs under {layout.train} to restart their training")
+            f"experiment {cfg.name!r}: unfinished trials cannot resume with {r.workers_setting}: {'; '.join(bad)}; "
+            f"choose a worker count that divides their global batch, or delete those runs under {layout.train} to "
+            "restart their training")
 
 
 # -- on the Ray cluster ----------------------------------------------------------------------------------------------

@@ -363,7 +363,7 @@ def _retrain(cfg: SweepConfig, spec: TrialSpec, worker_env: dict[str, str] | Non
                                              "attn_implementation": cfg.attn_implementation}),
                 scale=cfg.resources.worker_scale(), storage_path=str(layout.train), name=spec.key,
                 max_failures=cfg.resources.max_failures, overwrite=True, worker_env=worker_env,
-                workers_hint="resources.workers" if cfg.resources.workers else "resources.workers_per_trial", checked=checked, callbacks=train_callbacks)
+                workers_hint=cfg.resources.workers_field, checked=checked, callbacks=train_callbacks)
     record = json.loads(final.read_text())
     if "tokens_trained_total" in record:  # every phase (cpt+lora: CPT and LoRA)
         return int(record["tokens_trained_total"])
